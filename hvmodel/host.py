@@ -1,0 +1,282 @@
+"""The physical host: topology, pCPUs with their EPT TLBs, IPIs, and the flush primitives.
+
+Hardware model (Intel SDM Vol. 3C §28.3, kvm-flush-semantics.md §1): each logical CPU caches
+guest-physical and combined mappings tagged by EP4TA, the root's HPA only (EPTP bits 51:12; the
+page-walk length and A/D bits are not part of the tag). Every INVEPT/INVVPID is local to one
+pCPU; reaching another pCPU takes an IPI (or, nested on Hyper-V, a flush hypercall).
+
+Per pCPU we keep `tlb[ep4ta] -> TlbEntry(root page, epoch)`: "this pCPU may still hold
+translations of that root as they were at that epoch". Capacity is not modelled: architecturally
+nothing guarantees eviction, so a tag that was never invalidated may still be used.
+
+Sharding: a Host may own only some pCPUs. VM-level state (vCPU modes, roots, requests) is
+updated for every event in every shard; TLB contents, counters and costs only for owned pCPUs.
+The primitives below are the only places that touch per-pCPU state, and each checks ownership.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import numpy as np
+
+from hvmodel.cost import CostModel
+from hvmodel.errors import ConfigError
+from hvmodel.kvm_host import OUTSIDE_GUEST_MODE
+from hvmodel.metrics import Metrics, NoiseBudget
+from hvmodel.mmu import PagePool
+from hvmodel.oracle import Oracle
+from hvmodel.vmx import VpidBitmap
+
+if TYPE_CHECKING:
+    from hvmodel.kvm import Kvm, KvmVcpu
+    from hvmodel.strategies.base import FlushStrategy
+
+NR_CPUS_MAX = 8192  # x86-64 NR_CPUS_RANGE_END with CPUMASK_OFFSTACK (MAXSMP)
+ENVIRONMENTS = ("bare_metal", "hyperv")
+
+
+def parse_cpulist(text: str, nr_cpus: int) -> list[int]:
+    """Kernel cpulist syntax ("0-3,8,10-11"), as in isolcpus= and /sys/devices/system/cpu/*."""
+    cpus: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ConfigError("host.isolcpus", f"bad cpulist element {part!r}")
+        a, b = int(lo), int(hi or lo)
+        if not a <= b < nr_cpus:
+            raise ConfigError("host.isolcpus", f"{part!r} is outside 0-{nr_cpus - 1}")
+        cpus.extend(range(a, b + 1))
+    return cpus
+
+
+@dataclass(frozen=True)
+class Topology:
+    """CPUs, sockets, NUMA nodes, SMT siblings, RT-isolated vs. housekeeping CPUs.
+
+    CPU numbering follows Linux on Intel servers: CPUs 0..cores-1 are the first hardware thread
+    of each core, SMT siblings follow at +cores. A core's NUMA node is core // cores_per_node.
+    Unless `isolcpus` is given, the first `housekeeping_per_node` cores of each node (both
+    threads) are housekeeping and every other CPU is RT-isolated.
+    """
+
+    nr_cpus: int
+    sockets: int = 1
+    numa_nodes: int = 1
+    smt: int = 2
+    housekeeping_per_node: int = 1
+    isolcpus: str | None = None
+    x2apic_cluster_size: int = 16  # 16 in x2APIC cluster mode; 1 means physical mode
+    env: str = "bare_metal"  # or "hyperv": this "host" is itself a VM, KVM runs nested on Hyper-V
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.env not in ENVIRONMENTS:
+            raise ConfigError("host.env", f"unknown {self.env!r}; allowed: {', '.join(ENVIRONMENTS)}")
+        if not 1 <= self.nr_cpus <= NR_CPUS_MAX:
+            raise ConfigError("host.nr_cpus", f"must be in 1..{NR_CPUS_MAX} (NR_CPUS), got {self.nr_cpus}")
+        for key in ("sockets", "numa_nodes", "smt", "x2apic_cluster_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"host.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.numa_nodes % self.sockets:
+            raise ConfigError("host.numa_nodes", f"{self.numa_nodes} nodes do not split over {self.sockets} sockets")
+        if self.nr_cpus % (self.smt * self.numa_nodes):
+            raise ConfigError("host.nr_cpus", f"{self.nr_cpus} CPUs do not split into {self.numa_nodes} nodes x smt {self.smt}")
+        if not 0 <= self.housekeeping_per_node <= self.cores_per_node:
+            raise ConfigError("host.housekeeping_per_node", f"must be in 0..{self.cores_per_node}")
+        if self.isolcpus is not None:
+            parse_cpulist(self.isolcpus, self.nr_cpus)
+
+    @property
+    def cores(self) -> int:
+        return self.nr_cpus // self.smt
+
+    @property
+    def cores_per_node(self) -> int:
+        return self.cores // self.numa_nodes
+
+    def node_of(self) -> np.ndarray:
+        core = np.arange(self.nr_cpus) % self.cores
+        return core // self.cores_per_node
+
+    def rt_mask(self) -> np.ndarray:
+        """True for RT-isolated CPUs (isolcpus=/nohz_full=), False for housekeeping."""
+        if self.isolcpus is not None:
+            mask = np.zeros(self.nr_cpus, dtype=bool)
+            mask[parse_cpulist(self.isolcpus, self.nr_cpus)] = True
+            return mask
+        core = np.arange(self.nr_cpus) % self.cores
+        return core % self.cores_per_node >= self.housekeeping_per_node
+
+    def node_cpus(self, node: int) -> np.ndarray:
+        return np.flatnonzero(self.node_of() == node)
+
+
+class TlbEntry:
+    """Translations cached under one EP4TA: the root they came from and its epoch then.
+
+    Once stale, an entry stays stale until an INVEPT removes it: a guest that refills from the
+    current root still holds the old translations beside the new ones.
+    """
+
+    __slots__ = ("sp", "epoch", "missed")
+
+    def __init__(self, sp, epoch: int):
+        self.sp = sp
+        self.epoch = epoch
+        self.missed = False  # a bare-metal remote flush could not reach this pCPU (oracle H4)
+
+
+class Host:
+    """The machine: pCPUs, the page allocator, the VPID bitmap, and the flush primitives."""
+
+    def __init__(
+        self,
+        topo: Topology,
+        strategy: "FlushStrategy",
+        cost: CostModel,
+        noise: NoiseBudget,
+        owned_nodes: Iterable[int] | None = None,
+        ept_ad: bool = True,
+        max_examples: int = 10,
+    ):
+        self.topo, self.strategy, self.cost, self.env, self.ept_ad = topo, strategy, cost, topo.env, ept_ad
+        n = topo.nr_cpus
+        self.node = topo.node_of().tolist()
+        self.rt = topo.rt_mask().tolist()
+        nodes = range(topo.numa_nodes) if owned_nodes is None else sorted(set(owned_nodes))
+        self.owned = [False] * n
+        for node in nodes:
+            for cpu in topo.node_cpus(node):
+                self.owned[int(cpu)] = True
+        self.owned_cpus = [c for c in range(n) if self.owned[c]]
+        self.online_cpus = range(n)  # CPU hotplug is not modelled
+        self.tlb: list[dict[int, TlbEntry]] = [{} for _ in range(n)]
+        self.running: list[KvmVcpu | None] = [None] * n  # vCPU loaded here and not put
+        self.in_guest: list[KvmVcpu | None] = [None] * n  # vCPU in IN_GUEST_MODE here
+        self.metrics = Metrics(n, noise, max_examples)
+        self.oracle = Oracle(self)
+        self.pool = PagePool(topo.numa_nodes)
+        self.vpids = VpidBitmap()
+        self.vms: dict[int, Kvm] = {}
+        self.next_root_id = 1
+        self.now = 0
+        self.this_cpu = 0  # smp_processor_id() of the code running for the current event
+        self.reentry: list[KvmVcpu] = []  # vCPUs kicked out of guest mode during this event
+        self.irq: dict[int, float] = {}  # pCPU -> cost of the interruption open on it
+        strategy.attach(self)
+
+    # --- accounting -------------------------------------------------------------------
+    def charge(self, cpu: int, us: float) -> None:
+        """Charge host time to an owned pCPU; inside an interruption it is also noise."""
+        self.metrics.cpu_f["flush_overhead_us"][cpu] += us
+        if cpu in self.irq:
+            self.irq[cpu] += us
+
+    def count(self, cpu: int, counter: str) -> None:
+        if self.owned[cpu]:
+            self.metrics.cpu[counter][cpu] += 1
+
+    # --- local flush instructions -----------------------------------------------------
+    def invept_single(self, cpu: int, hpa: int) -> None:
+        """INVEPT type 1 (single-context) on `cpu`: drop everything tagged `hpa`."""
+        if not self.owned[cpu]:
+            return
+        self.metrics.cpu["invept_single"][cpu] += 1
+        self.charge(cpu, self.cost.invept_single_us)
+        e = self.tlb[cpu].pop(hpa, None)
+        if e is not None:
+            e.sp.holders.discard(cpu)
+            self.metrics.cpu_f["flush_overhead_us"][cpu] += self.cost.refill_us
+
+    def invept_global(self, cpu: int) -> None:
+        """INVEPT type 2 (all-context) on `cpu`: drop every EP4TA, other VMs' included."""
+        if not self.owned[cpu]:
+            return
+        self.metrics.cpu["invept_global"][cpu] += 1
+        self.charge(cpu, self.cost.invept_global_us)
+        tlb = self.tlb[cpu]
+        for e in tlb.values():
+            e.sp.holders.discard(cpu)
+        self.metrics.cpu_f["flush_overhead_us"][cpu] += self.cost.refill_us * len(tlb)
+        tlb.clear()
+
+    def invvpid(self, cpu: int) -> None:
+        """INVVPID: removes linear/combined mappings only, never guest-physical ones."""
+        if self.owned[cpu]:
+            self.metrics.cpu["invvpid"][cpu] += 1
+            self.charge(cpu, self.cost.invvpid_us)
+
+    # --- guest use of the TLB ---------------------------------------------------------
+    def tlb_enter(self, cpu: int, vcpu: "KvmVcpu", root) -> None:
+        """VM entry on `cpu` with `root` (a KvmMmuRootInfo): check, then start caching."""
+        sp = root.sp
+        if not self.owned[cpu] or sp is None:  # special roots map nothing
+            return
+        tlb = self.tlb[cpu]
+        e = tlb.get(root.hpa)
+        if e is None:
+            tlb[root.hpa] = TlbEntry(sp, sp.epoch)
+        elif e.sp is not sp or e.epoch != sp.epoch:
+            self.oracle.stale_use(cpu, vcpu, root, e)
+        sp.holders.add(cpu)
+
+    # --- IPIs -------------------------------------------------------------------------
+    def send_ipis(self, src: int, cpus: Iterable[int], counter: str, handler: Callable[[int], None] | None = None) -> None:
+        """smp_call_function_many(mask, func, wait=1) from `src`; `handler` runs on each target.
+
+        An IPI that lands on a pCPU in guest mode forces a VM exit (external-interrupt exiting is
+        always on in VMX); that vCPU re-enters after the event (Engine.finish_event), servicing
+        its requests, all of it counted as one interruption of that pCPU.
+        """
+        targets = sorted(set(cpus) - {src})
+        if not targets:
+            return
+        if self.owned[src]:
+            cluster = self.topo.x2apic_cluster_size
+            icr_writes = len({c // cluster for c in targets})
+            self.charge(src, self.cost.ipi_send_us * icr_writes)
+        for dst in targets:
+            self._receive_ipi(dst, counter)
+            if handler is not None:
+                handler(dst)
+
+    def _receive_ipi(self, dst: int, counter: str) -> None:
+        vcpu = self.in_guest[dst]
+        if vcpu is not None:  # VM-level: the vCPU leaves guest mode, in every shard
+            vcpu.mode = OUTSIDE_GUEST_MODE
+            self.in_guest[dst] = None
+            self.reentry.append(vcpu)
+        if not self.owned[dst]:
+            return
+        self.metrics.cpu[counter][dst] += 1
+        self.irq.setdefault(dst, 0.0)
+        self.charge(dst, self.cost.ipi_receive_us)
+        if vcpu is not None:
+            self.metrics.cpu["vmexits_from_ipi"][dst] += 1
+            self.charge(dst, self.cost.vmexit_us)
+
+    def hv_flush_guest_physical_address_space(self, src: int, hpa: int) -> None:
+        """HvCallFlushGuestPhysicalAddressSpace: L0 drops EP4TA `hpa` on every pCPU.
+
+        Not an IPI of this kernel and no VM exit here; a vCPU running on that root simply
+        keeps running and refills from the current root.
+        """
+        self.metrics.vm["hv_flush_hypercalls"] += 1
+        if self.owned[src]:
+            self.charge(src, self.cost.hv_flush_hypercall_us)
+        for cpu in self.owned_cpus:
+            e = self.tlb[cpu].pop(hpa, None)
+            if e is None:
+                continue
+            e.sp.holders.discard(cpu)
+            self.metrics.cpu_f["flush_overhead_us"][cpu] += self.cost.refill_us
+            vcpu = self.in_guest[cpu]
+            if vcpu is not None and vcpu.arch.mmu.root.hpa == hpa:
+                self.tlb_enter(cpu, vcpu, vcpu.arch.mmu.root)
+
+    def alloc_root_id(self) -> int:
+        rid = self.next_root_id
+        self.next_root_id += 1
+        return rid

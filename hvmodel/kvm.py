@@ -1,0 +1,261 @@
+"""struct kvm, struct kvm_vcpu, and the x86.c paths the trace drives.
+
+Each event handler is named after the kernel function it models. Handlers raise TraceError for
+events that cannot happen (entering a vCPU that is not loaded, two vCPUs on one pCPU, ...).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hvmodel.kvm_host import (
+    INVALID_PAGE,
+    IN_GUEST_MODE,
+    KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
+    KVM_REQ_TLB_FLUSH,
+    KVM_REQ_TLB_FLUSH_CURRENT,
+    KVM_REQ_TLB_FLUSH_GUEST,
+    OUTSIDE_GUEST_MODE,
+    VALID_PAGE,
+)
+from hvmodel.kvm_main import kvm_make_request
+from hvmodel.mmu import (
+    KvmMmu,
+    kvm_calc_tdp_mmu_root_page_role,
+    kvm_init_mmu,
+    kvm_mmu_free_obsolete_roots,
+    kvm_mmu_load,
+    kvm_mmu_uninit_vm,
+    kvm_mmu_unload,
+    kvm_mmu_zap_all_fast,
+    kvm_mmu_zap_leafs,
+)
+from hvmodel.trace import TraceError
+from hvmodel.vmx import (
+    LoadedVmcs,
+    handle_invept,
+    loaded_vmcs_clear,
+    nested_vmx_enter_non_root_mode,
+    nested_vmx_vmexit,
+    vmx_flush_tlb_all,
+    vmx_flush_tlb_guest,
+    vmx_vcpu_load_vmcs,
+)
+
+if TYPE_CHECKING:
+    from hvmodel.host import Host
+
+
+class KvmVcpuArch:
+    """vcpu->arch: the three MMUs and which one is in use."""
+
+    __slots__ = ("root_mmu", "guest_mmu", "nested_mmu", "mmu")
+
+    def __init__(self) -> None:
+        self.root_mmu = KvmMmu("root_mmu", None)
+        self.guest_mmu = KvmMmu("guest_mmu", None)
+        # nested_mmu only walks L2's stage-1 tables; it never holds an EPTP, so no flush path
+        # ever looks at it (flushing it would be waste, hazard H5's other half).
+        self.nested_mmu = KvmMmu("nested_mmu", None)
+        self.mmu = self.root_mmu
+
+
+class KvmVcpu:
+    """struct kvm_vcpu + struct vcpu_vmx (the parts that matter for TLB maintenance)."""
+
+    __slots__ = (
+        "kvm", "vcpu_idx", "cpu", "mode", "requests", "arch", "guest_mode", "smm",
+        "vmcs01", "vmcs02", "loaded_vmcs", "vpid", "vpid02", "last_vpid12", "l2",
+        "nested_eptp12", "nested_eptp12_backed", "hv_root_tdp", "loaded",
+    )
+
+    def __init__(self, kvm: "Kvm", idx: int):
+        self.kvm, self.vcpu_idx = kvm, idx
+        self.cpu = -1  # vcpu->cpu: the pCPU it last loaded on
+        self.loaded = False  # between vcpu_load and vcpu_put
+        self.mode = OUTSIDE_GUEST_MODE
+        self.requests = 0
+        self.arch = KvmVcpuArch()
+        self.guest_mode = False  # is_guest_mode(): running L2
+        self.smm = False
+        self.vmcs01, self.vmcs02 = LoadedVmcs("vmcs01"), LoadedVmcs("vmcs02")
+        self.loaded_vmcs = self.vmcs01
+        self.vpid = kvm.host.vpids.allocate_vpid(kvm.host)
+        self.vpid02 = 0
+        self.last_vpid12 = 0
+        self.l2 = 0
+        self.nested_eptp12, self.nested_eptp12_backed = 0, True
+        self.hv_root_tdp = INVALID_PAGE  # hv_track_root_tdp()
+        self.arch.root_mmu.root_role = kvm_calc_tdp_mmu_root_page_role(self)
+
+    def __repr__(self) -> str:
+        return f"<vcpu {self.kvm.id}/{self.vcpu_idx} cpu={self.cpu}>"
+
+
+class Kvm:
+    """struct kvm: vCPUs, the TDP MMU root list, the shadow page hash, mmu_valid_gen."""
+
+    def __init__(self, host: "Host", vm_id: int, nr_vcpus: int, tdp_level: int, node: int):
+        self.host, self.id, self.tdp_level, self.node = host, vm_id, tdp_level, node
+        self.roots: dict = {}  # every live root page of this VM, by id
+        self.tdp_mmu_roots: list = []
+        self.mmu_page_hash: dict = {}  # (gfn, role) -> shadow page
+        self.mmu_valid_gen = 0
+        self.vcpus = [KvmVcpu(self, i) for i in range(nr_vcpus)]
+
+
+# --- VM lifecycle -------------------------------------------------------------------------
+def kvm_create_vm(host: "Host", vm_id: int, nr_vcpus: int, tdp_level: int, node: int) -> Kvm:
+    if vm_id in host.vms:
+        raise TraceError(f"vm_create: VM {vm_id} already exists")
+    if not 0 <= node < host.topo.numa_nodes:
+        raise TraceError(f"vm_create: node {node} does not exist (host has {host.topo.numa_nodes})")
+    kvm = host.vms[vm_id] = Kvm(host, vm_id, nr_vcpus, tdp_level, node)
+    host.strategy.vm_created(kvm)
+    return kvm
+
+
+def kvm_destroy_vm(kvm: Kvm) -> None:
+    """Runs on a VMM thread (host.this_cpu): every vCPU must be put. Each active VMCS is
+    VMCLEARed where it is active (an IPI unless local), roots are dropped and freed."""
+    host = kvm.host
+    for vcpu in kvm.vcpus:
+        if vcpu.loaded:
+            raise TraceError(f"vm_destroy: vCPU {vcpu.vcpu_idx} of VM {kvm.id} is still loaded; vcpu_put it first")
+    for vcpu in kvm.vcpus:
+        loaded_vmcs_clear(host, vcpu.vmcs01)
+        loaded_vmcs_clear(host, vcpu.vmcs02)
+        kvm_mmu_unload(vcpu)
+        host.vpids.free_vpid(vcpu.vpid)
+        host.vpids.free_vpid(vcpu.vpid02)
+    kvm_mmu_uninit_vm(kvm)
+    host.strategy.vm_destroyed(kvm)
+    del host.vms[kvm.id]
+
+
+# --- scheduling ---------------------------------------------------------------------------
+def kvm_arch_vcpu_load(vcpu: KvmVcpu, cpu: int) -> None:
+    host = vcpu.kvm.host
+    if vcpu.loaded:
+        raise TraceError(f"vcpu_load: {vcpu!r} is already loaded; vcpu_put it first")
+    other = host.running[cpu]
+    if other is not None:
+        raise TraceError(f"vcpu_load: pCPU {cpu} is running {other!r}")
+    vcpu.cpu, vcpu.loaded = cpu, True
+    host.running[cpu] = vcpu
+    vmx_vcpu_load_vmcs(vcpu, cpu)
+
+
+def kvm_arch_vcpu_put(vcpu: KvmVcpu) -> None:
+    _require_loaded(vcpu, "vcpu_put")
+    vcpu_leave_guest(vcpu)
+    vcpu.loaded = False
+    vcpu.kvm.host.running[vcpu.cpu] = None
+
+
+def vcpu_leave_guest(vcpu: KvmVcpu) -> None:
+    """A VM exit that returns to the host (HLT, I/O, ...): the vCPU stays loaded."""
+    if vcpu.mode == IN_GUEST_MODE:
+        vcpu.mode = OUTSIDE_GUEST_MODE
+        vcpu.kvm.host.in_guest[vcpu.cpu] = None
+
+
+def _require_loaded(vcpu: KvmVcpu, what: str) -> None:
+    if not vcpu.loaded:
+        raise TraceError(f"{what}: {vcpu!r} is not loaded on any pCPU (vcpu_load it first)")
+
+
+# --- entering the guest ---------------------------------------------------------------------
+def kvm_service_local_tlb_flush_requests(vcpu: KvmVcpu) -> None:
+    if vcpu.requests & KVM_REQ_TLB_FLUSH_CURRENT:
+        vcpu.kvm.host.strategy.flush_tlb_current(vcpu)
+    if vcpu.requests & KVM_REQ_TLB_FLUSH_GUEST:
+        vmx_flush_tlb_guest(vcpu)
+
+
+def vcpu_enter_guest(vcpu: KvmVcpu) -> None:
+    """Service requests in kernel order, kvm_mmu_reload(), then enter: the oracle checks the
+    pCPU's cached translations for the active EP4TA before the guest can use them."""
+    _require_loaded(vcpu, "vm_entry")
+    host = vcpu.kvm.host
+    host.this_cpu = vcpu.cpu
+    if vcpu.requests:
+        if vcpu.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS:
+            kvm_mmu_free_obsolete_roots(vcpu)
+        if vcpu.requests & KVM_REQ_TLB_FLUSH:  # kvm_vcpu_flush_tlb_all(); also covers CURRENT
+            vmx_flush_tlb_all(vcpu)
+            vcpu.requests &= ~KVM_REQ_TLB_FLUSH_CURRENT
+        kvm_service_local_tlb_flush_requests(vcpu)
+        vcpu.requests = 0
+    mmu = vcpu.arch.mmu
+    if not VALID_PAGE(mmu.root.hpa):  # kvm_mmu_reload()
+        kvm_mmu_load(vcpu)
+    vcpu.hv_root_tdp = mmu.root.hpa  # vmx_load_mmu_pgd() -> hv_track_root_tdp()
+    host.tlb_enter(vcpu.cpu, vcpu, mmu.root)
+    vcpu.mode = IN_GUEST_MODE
+    host.in_guest[vcpu.cpu] = vcpu
+
+
+# --- mode changes that reset or switch the MMU --------------------------------------------
+def kvm_mmu_reset_context(vcpu: KvmVcpu) -> None:
+    """kvm_mmu_unload() + kvm_init_mmu(): SMM transitions, CR0/CR4/EFER role bits, CPUID."""
+    kvm_mmu_unload(vcpu)
+    kvm_init_mmu(vcpu)
+
+
+def kvm_smm_changed(vcpu: KvmVcpu, entering: bool) -> None:
+    if vcpu.smm == entering:
+        raise TraceError(f"smm_{'enter' if entering else 'exit'}: {vcpu!r} is {'already' if entering else 'not'} in SMM")
+    if entering and vcpu.guest_mode:  # vmx_enter_smm(): SMM forces L2 out first
+        nested_vmx_vmexit(vcpu)
+    vcpu.smm = entering
+    kvm_mmu_reset_context(vcpu)
+
+
+def kvm_zap_gfn_range(kvm: Kvm, eptp12: int) -> None:
+    kvm_mmu_zap_leafs(kvm, eptp12)
+
+
+def kvm_arch_flush_shadow_memslot(kvm: Kvm) -> None:
+    kvm_mmu_zap_all_fast(kvm)
+
+
+# --- event dispatch -----------------------------------------------------------------------
+def vcpu_event(host: "Host", vm: int, vcpu_idx: int, what: str) -> KvmVcpu:
+    kvm = host.vms.get(vm)
+    if kvm is None:
+        raise TraceError(f"{what}: VM {vm} does not exist")
+    if not 0 <= vcpu_idx < len(kvm.vcpus):
+        raise TraceError(f"{what}: VM {vm} has no vCPU {vcpu_idx} (it has {len(kvm.vcpus)})")
+    return kvm.vcpus[vcpu_idx]
+
+
+def run_in_vcpu_context(vcpu: KvmVcpu, what: str) -> None:
+    """Mode transitions happen in a VM exit handler on the vCPU's pCPU."""
+    _require_loaded(vcpu, what)
+    vcpu_leave_guest(vcpu)
+    vcpu.kvm.host.this_cpu = vcpu.cpu
+
+
+def nested_vmenter(vcpu: KvmVcpu, l2: int, nested_ept: bool, eptp_backed: bool) -> None:
+    if vcpu.guest_mode:
+        raise TraceError(f"nested_vmenter: {vcpu!r} is already running L2")
+    if vcpu.smm:
+        raise TraceError(f"nested_vmenter: {vcpu!r} is in SMM")
+    nested_vmx_enter_non_root_mode(vcpu, l2, nested_ept, eptp_backed)
+
+
+def nested_vmexit(vcpu: KvmVcpu) -> None:
+    if not vcpu.guest_mode:
+        raise TraceError(f"nested_vmexit: {vcpu!r} is not running L2")
+    nested_vmx_vmexit(vcpu)
+
+
+def l1_invept(vcpu: KvmVcpu, eptp12: int) -> None:
+    if vcpu.guest_mode:
+        raise TraceError(f"l1_invept: {vcpu!r} is running L2; INVEPT is executed by L1")
+    handle_invept(vcpu, eptp12)
+
+
+def guest_tlb_flush(vcpu: KvmVcpu) -> None:
+    kvm_make_request(KVM_REQ_TLB_FLUSH_GUEST, vcpu)

@@ -1,0 +1,227 @@
+"""Counters, per-pCPU arrays, RT noise windows, and the merge of shard results.
+
+Two kinds of numbers, which is what makes sharding exact (DESIGN.md §3):
+
+* per-pCPU counters: counted only by the shard that owns the pCPU, so the merged array is the
+  element-wise sum of the shards' arrays;
+* VM-level counters (root allocations, remote flushes, mask memory, ...): a deterministic
+  function of the trace that every shard computes identically, so the merge checks that all
+  shards agree and keeps one copy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from hvmodel.errors import ConfigError
+
+# Integer per-pCPU counters. Each IPI is counted once, at its receiver.
+PER_CPU_COUNTERS = (
+    "ipi_flush",  # call-function IPIs sent for TLB maintenance, received here
+    "ipi_vmclear",  # synchronous VMCLEAR IPIs (loaded_vmcs_clear) received here
+    "vmexits_from_ipi",  # IPIs that found a vCPU in guest mode here
+    "invept_single",
+    "invept_global",
+    "invvpid",
+    "migrations",  # vmx_vcpu_load_vmcs with loaded_vmcs->cpu != cpu, landing here
+    "stale_tlb_uses",  # oracle violations at VM entries here
+    "noise_events",  # interruptions here at or above the noise threshold
+    "rt_budget_violations",  # noise windows here over budget
+)
+PER_CPU_FLOATS = (
+    "flush_overhead_us",  # all flush-related cost charged to this pCPU
+    "noise_us",  # interruption time (IPI + exit + handler + re-entry work)
+    "noise_max_single_us",
+    "noise_max_window_us",
+)
+# VM-level counters that every shard computes identically.
+REPLICATED = (
+    "events",
+    "root_allocs",
+    "root_frees",
+    "remote_flushes",
+    "hv_flush_hypercalls",
+    "vpid_exhausted",
+    "cpumask_bytes_peak",
+)
+
+# Oracle hazard kinds (kvm-flush-semantics.md §6), in classification order.
+HAZARDS = {
+    "h1": "EP4TA reuse: the tag belongs to a freed root whose page was reallocated",
+    "h6": "special root (no shadow page)",
+    "h4": "remote flush never reached this pCPU (no vCPU of the VM was loaded here)",
+    "h3": "previous-root reuse: fast_pgd_switch to a cached root without a flush",
+    "h5": "guest_mmu (shadow-EPT) root not flushed",
+    "h2": "missing migration flush",
+}
+
+
+@dataclass(frozen=True)
+class NoiseBudget:
+    """RT noise accounting, after the osnoise tracer (Documentation/trace/osnoise-tracer.rst).
+
+    An interruption shorter than `threshold_us` is not noise (osnoise tracing_thresh, 5 us by
+    default). `budget_us` is the most noise one RT pCPU may see in one `period_us` window.
+    """
+
+    period_us: int = 1_000_000
+    threshold_us: float = 5.0
+    budget_us: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.period_us <= 0:
+            raise ConfigError("noise.period_us", f"must be > 0, got {self.period_us}")
+        for key in ("threshold_us", "budget_us"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"noise.{key}", f"must be >= 0, got {getattr(self, key)}")
+
+
+class Metrics:
+    """The counters of one emulator run (one shard, or the whole host)."""
+
+    def __init__(self, nr_cpus: int, noise: NoiseBudget, max_examples: int = 10):
+        self.noise = noise
+        self.max_examples = max_examples
+        self.cpu = {name: [0] * nr_cpus for name in PER_CPU_COUNTERS}
+        self.cpu_f = {name: [0.0] * nr_cpus for name in PER_CPU_FLOATS}
+        self.vm = dict.fromkeys(REPLICATED, 0)
+        self.stale_by_kind = dict.fromkeys(HAZARDS, 0)
+        self.examples: list[dict] = []
+        self.cpumask_bytes = 0
+        # open noise window per pCPU: index and accumulated noise
+        self._win = [-1] * nr_cpus
+        self._win_noise = [0.0] * nr_cpus
+
+    # --- memory owned by strategies ---------------------------------------------------
+    def mask_alloc(self, nbytes: int) -> None:
+        self.cpumask_bytes += nbytes
+        if self.cpumask_bytes > self.vm["cpumask_bytes_peak"]:
+            self.vm["cpumask_bytes_peak"] = self.cpumask_bytes
+
+    def mask_free(self, nbytes: int) -> None:
+        self.cpumask_bytes -= nbytes
+
+    # --- oracle -----------------------------------------------------------------------
+    def stale(self, cpu: int, kind: str, example: dict) -> None:
+        self.cpu["stale_tlb_uses"][cpu] += 1
+        self.stale_by_kind[kind] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(example)
+
+    # --- noise ------------------------------------------------------------------------
+    def record_noise(self, cpu: int, t_ns: int, us: float) -> None:
+        """One interruption of `us` microseconds on `cpu` at time `t_ns`."""
+        if us < self.noise.threshold_us:
+            return
+        f = self.cpu_f
+        f["noise_us"][cpu] += us
+        self.cpu["noise_events"][cpu] += 1
+        if us > f["noise_max_single_us"][cpu]:
+            f["noise_max_single_us"][cpu] = us
+        w = t_ns // (self.noise.period_us * 1000)
+        if w != self._win[cpu]:
+            self._close_window(cpu)
+            self._win[cpu] = w
+        self._win_noise[cpu] += us
+
+    def _close_window(self, cpu: int) -> None:
+        noise = self._win_noise[cpu]
+        if noise > self.cpu_f["noise_max_window_us"][cpu]:
+            self.cpu_f["noise_max_window_us"][cpu] = noise
+        if noise > self.noise.budget_us:
+            self.cpu["rt_budget_violations"][cpu] += 1
+        self._win_noise[cpu] = 0.0
+
+    def result(self) -> dict:
+        """Close open noise windows and return plain, picklable arrays and dicts."""
+        for cpu, w in enumerate(self._win):
+            if w >= 0:
+                self._close_window(cpu)
+                self._win[cpu] = -1
+        per_cpu = {k: np.asarray(v, dtype=np.int64) for k, v in self.cpu.items()}
+        per_cpu.update({k: np.asarray(v, dtype=np.float64) for k, v in self.cpu_f.items()})
+        return {
+            "per_cpu": per_cpu,
+            "vm": dict(self.vm),
+            "stale_by_kind": dict(self.stale_by_kind),
+            "examples": list(self.examples),
+        }
+
+
+_MAX_FIELDS = ("noise_max_single_us", "noise_max_window_us")
+
+
+def merge(results: list[dict], max_examples: int = 10) -> dict:
+    """Merge shard results. Per-pCPU arrays add up (each pCPU has one owner); VM-level
+    counters must agree across shards, or the sharding is broken and we say so."""
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    for r in results[1:]:
+        if r["vm"] != first["vm"]:
+            diff = {k: [s["vm"][k] for s in results] for k in first["vm"] if r["vm"][k] != first["vm"][k]}
+            raise AssertionError(f"shards disagree on VM-level counters: {diff}")
+    per_cpu = {}
+    for key in first["per_cpu"]:
+        stack = np.stack([r["per_cpu"][key] for r in results])
+        per_cpu[key] = stack.max(axis=0) if key in _MAX_FIELDS else stack.sum(axis=0)
+    stale = {k: sum(r["stale_by_kind"][k] for r in results) for k in first["stale_by_kind"]}
+    examples = sorted((e for r in results for e in r["examples"]), key=lambda e: (e["t_ns"], e["pcpu"]))
+    return {"per_cpu": per_cpu, "vm": dict(first["vm"]), "stale_by_kind": stale, "examples": examples[:max_examples]}
+
+
+RATE_KEYS = (
+    "stale_tlb_uses",
+    "invept_single",
+    "invept_global",
+    "invvpid",
+    "ipi_flush",
+    "ipi_vmclear",
+    "ipi_rt",
+    "vmexits_from_ipi",
+    "migrations",
+    "root_allocs",
+    "remote_flushes",
+)
+
+
+def summarize(result: dict, rt_mask: np.ndarray, sim_seconds: float) -> dict:
+    """The flat metric dict of DESIGN.md §6 (keys of summary.json and MLflow metric names)."""
+    pc, vm = result["per_cpu"], result["vm"]
+    ipi_rx = pc["ipi_flush"] + pc["ipi_vmclear"]
+    rt = np.asarray(rt_mask, dtype=bool)
+    out: dict[str, float] = {
+        "stale_tlb_uses": int(pc["stale_tlb_uses"].sum()),
+        **{f"stale_tlb_uses_{k}": int(v) for k, v in result["stale_by_kind"].items()},
+        "invept_single": int(pc["invept_single"].sum()),
+        "invept_global": int(pc["invept_global"].sum()),
+        "invvpid": int(pc["invvpid"].sum()),
+        "ipi_flush": int(pc["ipi_flush"].sum()),
+        "ipi_vmclear": int(pc["ipi_vmclear"].sum()),
+        "ipi_rt": int(ipi_rx[rt].sum()),
+        "ipi_max_per_cpu": int(ipi_rx.max()) if len(ipi_rx) else 0,
+        "vmexits_from_ipi": int(pc["vmexits_from_ipi"].sum()),
+        "cpumask_bytes_peak": int(vm["cpumask_bytes_peak"]),
+        "rt_noise_max_us": float(pc["noise_max_window_us"][rt].max()) if rt.any() else 0.0,
+        "rt_noise_max_single_us": float(pc["noise_max_single_us"][rt].max()) if rt.any() else 0.0,
+        "rt_budget_violations": int(pc["rt_budget_violations"][rt].sum()),
+        "flush_overhead_us": float(pc["flush_overhead_us"].sum()),
+        "migrations": int(pc["migrations"].sum()),
+        "root_allocs": int(vm["root_allocs"]),
+        "root_frees": int(vm["root_frees"]),
+        "remote_flushes": int(vm["remote_flushes"]),
+        "hv_flush_hypercalls": int(vm["hv_flush_hypercalls"]),
+        "vpid_exhausted": int(vm["vpid_exhausted"]),
+        "events": int(vm["events"]),
+        "sim_seconds": float(sim_seconds),
+    }
+    if sim_seconds > 0:
+        for key in RATE_KEYS:
+            out[f"{key}_per_s"] = out[key] / sim_seconds
+    for k, v in out.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise AssertionError(f"metric {k} is not finite: {v}")
+    return out

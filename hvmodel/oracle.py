@@ -1,0 +1,79 @@
+"""The stale-translation oracle: the safety check. It observes; it never fixes state.
+
+At every VM entry, after requests are serviced and the root is loaded, the pCPU may still cache
+translations for the active root's EP4TA. They are stale if they belong to another root (the
+page was freed and reused: H1) or to an older epoch of this root (its SPTEs were zapped since).
+Each stale use is counted and classified by the first rule that matches (metrics.HAZARDS):
+
+  h1  the cached tag belongs to a different root (EP4TA reuse)
+  h6  the active root has no shadow page (special root); with EPT the only special root is the
+      dummy root, which maps nothing, so this is a guard that the model never installs one
+  h4  a bare-metal remote flush could not reach this pCPU: when the VM was flushed, none of its
+      vCPUs had a VMCS loaded here, so no request or IPI could clean it
+  h3  the active root came from prev_roots via fast_pgd_switch() since the last load/migration
+  h5  the active root is a guest_mmu (shadow-EPT) root
+  h2  anything else: a migration flush was missing
+
+No strategy is named here: which strategies are safe is whatever this finds on the trace.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hvmodel.host import Host, TlbEntry
+    from hvmodel.kvm import Kvm, KvmVcpu
+
+
+class Oracle:
+    def __init__(self, host: "Host"):
+        self.host = host
+
+    def classify(self, vcpu: "KvmVcpu", root, entry: "TlbEntry") -> str:
+        if entry.sp is not root.sp:
+            return "h1"
+        if root.sp is None:
+            return "h6"
+        if entry.missed:
+            return "h4"
+        mmu = vcpu.arch.mmu
+        if mmu.root_via_fast_switch:
+            return "h3"
+        if mmu is vcpu.arch.guest_mmu:
+            return "h5"
+        return "h2"
+
+    def stale_use(self, cpu: int, vcpu: "KvmVcpu", root, entry: "TlbEntry") -> None:
+        kind = self.classify(vcpu, root, entry)
+        sp = root.sp
+        self.host.metrics.stale(
+            cpu,
+            kind,
+            {
+                "t_ns": self.host.now,
+                "kind": kind,
+                "vm": vcpu.kvm.id,
+                "vcpu": vcpu.vcpu_idx,
+                "pcpu": cpu,
+                "mmu": vcpu.arch.mmu.name,
+                "root": sp.id,
+                "hpa": hex(root.hpa),
+                "epoch": sp.epoch,
+                "cached_root": entry.sp.id,
+                "cached_vm": entry.sp.kvm.id,
+                "cached_epoch": entry.epoch,
+            },
+        )
+
+    def note_remote_flush(self, kvm: "Kvm") -> None:
+        """Before a bare-metal remote flush: mark the VM's cached roots on pCPUs that no vCPU of
+        the VM has a VMCS loaded on; no request can ever reach those (H4)."""
+        host = self.host
+        loaded = {v.vmcs01.cpu for v in kvm.vcpus} | {v.vmcs02.cpu for v in kvm.vcpus}
+        for sp in kvm.roots.values():
+            for cpu in sp.holders:
+                if cpu not in loaded:
+                    e = host.tlb[cpu].get(sp.hpa)
+                    if e is not None and e.sp is sp:
+                        e.missed = True

@@ -1,0 +1,19 @@
+"""D — "KVM: VMX: Flush only active EPT roots on pCPU migration" (Sean Christopherson, patch 4/5
+of the sketch in aJKW9gTeyh0-pvcg@google.com, Aug 2025; unmerged).
+
+On a new pCPU, synchronously in vmx_vcpu_load_vmcs(): INVEPT single-context on the current and
+previous roots of root_mmu and guest_mmu (vmx_flush_ept_on_pcpu_migration), at most 8; a root
+with no shadow page gets ept_sync_global(). No IPIs. Roots reached later through
+kvm_mmu_load() are flushed there, so these are the only EP4TAs the vCPU can use unflushed.
+"""
+
+from hvmodel.strategies.base import KernelDefaults, reachable_roots
+from hvmodel.vmx import vmx_flush_tlb_ept_root
+
+
+class ActiveRoots(KernelDefaults):
+    name = "active_roots"
+
+    def vcpu_migrated(self, vcpu, cpu):
+        for root in reachable_roots(vcpu):
+            vmx_flush_tlb_ept_root(self.host, cpu, root)

@@ -1,0 +1,114 @@
+"""The strategy interface: the few places where the 2025 proposals change KVM.
+
+KVM calls these hooks; `KernelDefaults` is what KVM does today (strategy A), so each strategy
+overrides only what its patch changes. Strategies may keep state (masks, generations) but must
+not change VM-level state other than through the kernel functions they call; that is what
+keeps them comparable on one trace and what keeps sharding exact.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from hvmodel.errors import ConfigError
+from hvmodel.kvm_host import KVM_REQ_TLB_FLUSH, VALID_PAGE
+from hvmodel.kvm_main import kvm_arch_flush_remote_tlbs, kvm_make_request
+from hvmodel.vmx import vmx_flush_tlb_current
+
+if TYPE_CHECKING:
+    from hvmodel.host import Host
+    from hvmodel.kvm import Kvm, KvmVcpu
+    from hvmodel.mmu import KvmMmuPage
+
+NR_CPUS = 8192
+PAGE_SIZE = 4096
+_KMALLOC_CLASSES = (8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192)
+MASK_SIZINGS = ("nr_cpu_ids", "NR_CPUS")
+
+
+def kmalloc_size(nbytes: int) -> int:
+    """Bytes actually allocated: the kmalloc size class, or whole pages beyond 8 KiB
+    (kvmalloc falls back to the page allocator / vmalloc)."""
+    for size in _KMALLOC_CLASSES:
+        if nbytes <= size:
+            return size
+    return -(-nbytes // PAGE_SIZE) * PAGE_SIZE
+
+
+def cpumask_bytes(nr_cpu_ids: int, sizing: str) -> int:
+    """cpumask_var_t with CPUMASK_OFFSTACK: cpumask_size() = BITS_TO_LONGS(bits) longs, where
+    bits is nr_cpu_ids, or NR_CPUS for a fixed-size mask."""
+    bits = nr_cpu_ids if sizing == "nr_cpu_ids" else NR_CPUS
+    return kmalloc_size(-(-bits // 64) * 8)
+
+
+class FlushStrategy(Protocol):
+    name: str
+    environments: tuple[str, ...]  # where the strategy can run
+
+    def attach(self, host: "Host") -> None: ...
+    def vcpu_migrated(self, vcpu: "KvmVcpu", cpu: int) -> None: ...
+    def root_created(self, sp: "KvmMmuPage") -> None: ...
+    def root_allocated(self, vcpu: "KvmVcpu", sp: "KvmMmuPage") -> None: ...
+    def root_freed(self, sp: "KvmMmuPage") -> None: ...
+    def flush_tlb_current(self, vcpu: "KvmVcpu") -> None: ...
+    def flush_remote_tlbs(self, kvm: "Kvm") -> None: ...
+    def vm_created(self, kvm: "Kvm") -> None: ...
+    def vm_destroyed(self, kvm: "Kvm") -> None: ...
+
+
+class KernelDefaults:
+    """Upstream KVM behaviour at every hook point."""
+
+    name = "kernel_defaults"
+    environments: tuple[str, ...] = ("bare_metal", "hyperv")
+
+    def __init__(self, mask_sizing: str = "nr_cpu_ids"):
+        if mask_sizing not in MASK_SIZINGS:
+            raise ConfigError("strategy.mask_sizing", f"unknown {mask_sizing!r}; allowed: {', '.join(MASK_SIZINGS)}")
+        self.mask_sizing = mask_sizing
+        self.host: Host | None = None
+
+    def attach(self, host: "Host") -> None:
+        if host.env not in self.environments:
+            raise ConfigError("host.env", f"strategy {self.name} runs only with host.env in {list(self.environments)}, got {host.env!r}")
+        self.host = host
+
+    @property
+    def mask_bytes(self) -> int:
+        return cpumask_bytes(self.host.topo.nr_cpus, self.mask_sizing)
+
+    def vcpu_migrated(self, vcpu: "KvmVcpu", cpu: int) -> None:
+        """vmx_vcpu_load_vmcs() on a new pCPU: flush all EPTP/VPID contexts at next entry."""
+        kvm_make_request(KVM_REQ_TLB_FLUSH, vcpu)
+
+    def root_created(self, sp: "KvmMmuPage") -> None:
+        """A root page was allocated (TDP root or shadow page)."""
+
+    def root_allocated(self, vcpu: "KvmVcpu", sp: "KvmMmuPage") -> None:
+        """kvm_mmu_load() got a fresh TDP root, or a shadow root whose root_count went 0 -> 1."""
+
+    def root_freed(self, sp: "KvmMmuPage") -> None:
+        """The root page goes back to the allocator (no flush upstream)."""
+
+    def flush_tlb_current(self, vcpu: "KvmVcpu") -> None:
+        """kvm_x86_call(flush_tlb_current): INVEPT single-context, this pCPU only."""
+        vmx_flush_tlb_current(vcpu)
+
+    def flush_remote_tlbs(self, kvm: "Kvm") -> None:
+        kvm_arch_flush_remote_tlbs(kvm)
+
+    def vm_created(self, kvm: "Kvm") -> None:
+        pass
+
+    def vm_destroyed(self, kvm: "Kvm") -> None:
+        pass
+
+
+def reachable_roots(vcpu: "KvmVcpu"):
+    """Roots the vCPU can run on without kvm_mmu_load(): root + prev_roots of root_mmu and
+    guest_mmu (nested_mmu never holds an EPTP). At most 2 x (1 + 3) = 8."""
+    for mmu in (vcpu.arch.root_mmu, vcpu.arch.guest_mmu):
+        for root in (mmu.root, *mmu.prev_roots):
+            if VALID_PAGE(root.hpa):
+                yield root

@@ -1,0 +1,36 @@
+"""E — per-root cpu_flushed_mask (Sean's patch 5/5 sketch, aJKW9gTeyh0-pvcg@google.com; extended
+by Jeremi Piotrowski, aJ87AGnK9J0mafoi; review aKT_0Zuj2MBRrh6p: test, then set).
+
+As D, but skip a root whose mask already has this pCPU's bit; otherwise set the bit and flush.
+The mask is zero-allocated with the root page (kvm_tdp_mmu_alloc_root / mmu_alloc_root for
+level >= 4) and freed with it (tdp_mmu_free_sp / kvm_mmu_free_shadow_page), so a shadow page
+re-found in the hash keeps its mask. Memory: one cpumask_var_t per root.
+"""
+
+from hvmodel.strategies.base import KernelDefaults, reachable_roots
+from hvmodel.vmx import vmx_flush_tlb_ept_root
+
+
+class PerRootCpumask(KernelDefaults):
+    name = "per_root_cpumask"
+
+    def __init__(self, mask_sizing: str = "nr_cpu_ids"):
+        super().__init__(mask_sizing)
+        self.cpu_flushed_mask: dict[int, set[int]] = {}  # root id -> pCPUs that flushed it
+
+    def root_created(self, sp):
+        self.cpu_flushed_mask[sp.id] = set()
+        self.host.metrics.mask_alloc(self.mask_bytes)
+
+    def root_freed(self, sp):
+        del self.cpu_flushed_mask[sp.id]
+        self.host.metrics.mask_free(self.mask_bytes)
+
+    def vcpu_migrated(self, vcpu, cpu):
+        for root in reachable_roots(vcpu):
+            if root.sp is not None:  # special roots have no mask: always flush
+                mask = self.cpu_flushed_mask[root.sp.id]
+                if cpu in mask:
+                    continue
+                mask.add(cpu)
+            vmx_flush_tlb_ept_root(self.host, cpu, root)

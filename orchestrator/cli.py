@@ -1,0 +1,111 @@
+"""`hvbench`: validate every job of the command line first, then hand over to Hydra.
+
+Bad input (unknown group option or key, out-of-range value, a bad trace line) gets one line
+naming the key and what is allowed, exit code 2, and nothing is started or written: every job of
+a sweep is composed and checked before the first one runs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from omegaconf import OmegaConf
+
+from hvmodel.errors import ConfigError
+
+from orchestrator.main import CONF_DIR, app
+from orchestrator.scenario import GROUPS, build_scenario, instantiate_group
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _group_options(loader, group: str) -> list[str]:
+    return sorted(loader.get_group_options(group))
+
+
+def _check_choices(loader, overrides) -> None:
+    for o in overrides:
+        group = o.key_or_group
+        if group not in GROUPS or o.is_delete():
+            continue
+        allowed = _group_options(loader, group)
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        for v in values:
+            if v not in allowed:
+                raise UsageError(f"{group}={v}: unknown {group}; allowed: {', '.join(allowed)}")
+
+
+def _unknown_key(cfg, key: str) -> str:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if node is None or not OmegaConf.is_dict(node):
+        return f"{key}: unknown key"
+    allowed = [k for k in node.keys() if k != "_target_"]
+    return f"{key}: unknown key; allowed: {', '.join(f'{parent}.{k}' if parent else k for k in allowed)}"
+
+
+def validate(args: list[str]) -> int:
+    """Compose and build every job; returns the number of jobs, raises UsageError."""
+    multirun = "-m" in args or "--multirun" in args
+    overrides = [a for a in args if not a.startswith("-") and not a.startswith("hydra.") and not a.startswith("hydra/")]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        try:
+            parsed = OverridesParser.create(config_loader=loader).parse_overrides(overrides)
+        except OverrideParseException as e:
+            raise UsageError(str(e).splitlines()[0]) from None
+        _check_choices(loader, parsed)
+        if not multirun:
+            sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+            if sweeps:
+                raise UsageError(f"{sweeps[0]}: a sweep needs -m (hvbench -m {' '.join(overrides)})")
+        jobs = BasicSweeper.split_arguments(parsed, None)[0]
+        base = compose("config")
+        for job in jobs:
+            try:
+                cfg = compose("config", overrides=job)
+            except ConfigCompositionException as e:
+                msg = str(e.__cause__ or e)
+                bad = next((o.split("=")[0].lstrip("+~") for o in job if f"'{o.split('=')[0].lstrip('+~')}'" in str(e)), None)
+                raise UsageError(_unknown_key(base, bad) if bad else msg.splitlines()[0]) from None
+            except HydraException as e:
+                raise UsageError(str(e).splitlines()[0]) from None
+            try:
+                build_scenario(cfg)
+                instantiate_group(cfg, "cluster")
+                instantiate_group(cfg, "tracking")
+            except ConfigError as e:
+                prefix = " ".join(job) + ": " if len(jobs) > 1 else ""
+                raise UsageError(prefix + str(e)) from None
+    GlobalHydra.instance().clear()
+    return len(jobs)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    passthrough = any(a.startswith("-") and a not in ("-m", "--multirun") for a in args)  # --help, --cfg, ...
+    if not passthrough:
+        try:
+            validate(args)
+        except UsageError as e:
+            print(f"hvbench: error: {e}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+    try:
+        app()
+    except ConfigError as e:  # should have been caught above; never leave a traceback for input errors
+        print(f"hvbench: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The Hydra app: cfg -> scenario -> sharded emulator on Ray -> summary.json + MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from hvmodel.metrics import summarize
+from hvmodel.trace import save_binary
+
+from orchestrator import report
+from orchestrator.scenario import build_scenario
+from orchestrator.sharding import Progress, run_shards
+from orchestrator.tracking import git_commit
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = str(REPO / "conf")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name and rename: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def job_identity(cfg: DictConfig) -> tuple[str, str, dict]:
+    """(experiment, run name, tags) for this job, from the Hydra runtime."""
+    hc = HydraConfig.get()
+    choices = hc.runtime.choices
+    names = {g: choices.get(g, "?") for g in ("host", "workload", "strategy", "cost", "noise")}
+    if hc.mode == RunMode.MULTIRUN:
+        sweep = str(Path(hc.sweep.dir))
+        experiment = "hvbench-" + "_".join(Path(hc.sweep.dir).parts[-2:])
+        job = str(hc.job.num)
+    else:
+        sweep, experiment, job = "", "hvbench", "0"
+    tags = {
+        **names,
+        "seed": cfg.seed,
+        "sweep": sweep,
+        "job_num": job,
+        "overrides": " ".join(hc.overrides.task),
+        "git_commit": git_commit(REPO),
+        "output_dir": hc.runtime.output_dir,
+    }
+    run_name = f"{names['strategy']}|{names['host']}|{names['workload']}|seed{cfg.seed}"
+    return experiment, run_name, tags
+
+
+def run(cfg: DictConfig) -> dict:
+    """One job. Bad input raises ConfigError before anything is written to MLflow."""
+    scenario = build_scenario(cfg)
+    cluster = instantiate(cfg.cluster)
+    tracker = instantiate(cfg.tracking)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    experiment, run_name, tags = job_identity(cfg)
+    if cfg.trace.save:
+        n = save_binary(scenario.make_trace(), Path(cfg.trace.save))
+        print(f"[hvbench] trace: {n:,} events written to {cfg.trace.save}", file=sys.stderr)
+    with tracker.start_run(experiment, run_name, tags) as job:
+        job.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        t0 = time.perf_counter()
+        progress = Progress(min(cfg.shards, scenario.topo.numa_nodes), scenario.workload.duration_ns)
+        result = run_shards(scenario, cluster, cfg.shards, progress)
+        wall = time.perf_counter() - t0
+        summary = summarize(result, scenario.topo.rt_mask(), result["duration_ns"] / 1e9)
+        summary["sim_wall_s"] = wall
+        summary["events_per_s"] = summary["events"] / wall if wall > 0 else 0.0
+        summary["shards"] = len(result["shards"])
+        write_artifacts(out, summary, result, scenario, run_name)
+        job.log_metrics(summary)
+        job.log_artifacts(out, "run")
+    print(report.stale_verdict(summary, result["examples"], scenario.strategy.name))
+    print(
+        f"[hvbench] {run_name}: {summary['events']:,} events in {wall:.1f} s; invept single/global "
+        f"{summary['invept_single']}/{summary['invept_global']}, flush IPIs {summary['ipi_flush']}, RT IPIs {summary['ipi_rt']}; {out}/summary.json"
+    )
+    return summary
+
+
+def write_artifacts(out: Path, summary: dict, result: dict, scenario, title: str) -> None:
+    topo = scenario.topo
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_atomic(out / "stale_examples.json", json.dumps(result["examples"], indent=2) + "\n")
+    write_atomic(out / "osnoise_top.txt", report.osnoise_top(result, topo, int(summary["sim_seconds"] * 1e9), scenario.noise.period_us))
+    report.write_per_cpu_csv(result, topo, out / "per_cpu.csv")
+    report.heatmap(result, topo, out / "heatmap.png", title)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def app(cfg: DictConfig) -> float:
+    summary = run(cfg)
+    return summary["stale_tlb_uses"]
