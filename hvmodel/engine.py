@@ -6,7 +6,7 @@ This readable loop is the specification; any faster engine must produce identica
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from hvmodel.cost import CostModel
 from hvmodel.host import Host, Topology
@@ -76,7 +76,9 @@ class Engine:
             Ev.NESTED_VMENTER: self._nested_vmenter,
             Ev.NESTED_VMEXIT: lambda v, i, c, a: self._in_vcpu(vc(v, i, "nested_vmexit"), "nested_vmexit", nested_vmexit),
             Ev.L1_INVEPT: lambda v, i, c, a: self._in_vcpu(vc(v, i, "l1_invept"), "l1_invept", l1_invept, a),
-            Ev.MMU_RESET_CONTEXT: lambda v, i, c, a: self._in_vcpu(vc(v, i, "mmu_reset_context"), "mmu_reset_context", kvm_mmu_reset_context),
+            Ev.MMU_RESET_CONTEXT: lambda v, i, c, a: self._in_vcpu(
+                vc(v, i, "mmu_reset_context"), "mmu_reset_context", kvm_mmu_reset_context
+            ),
             Ev.GUEST_TLB_FLUSH: lambda v, i, c, a: self._in_vcpu(vc(v, i, "guest_tlb_flush"), "guest_tlb_flush", guest_tlb_flush),
         }
 

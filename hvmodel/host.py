@@ -16,8 +16,9 @@ The primitives below are the only places that touch per-pCPU state, and each che
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -134,7 +135,7 @@ class Host:
     def __init__(
         self,
         topo: Topology,
-        strategy: "FlushStrategy",
+        strategy: FlushStrategy,
         cost: CostModel,
         noise: NoiseBudget,
         owned_nodes: Iterable[int] | None = None,
@@ -209,7 +210,7 @@ class Host:
             self.charge(cpu, self.cost.invvpid_us)
 
     # --- guest use of the TLB ---------------------------------------------------------
-    def tlb_enter(self, cpu: int, vcpu: "KvmVcpu", root) -> None:
+    def tlb_enter(self, cpu: int, vcpu: KvmVcpu, root) -> None:
         """VM entry on `cpu` with `root` (a KvmMmuRootInfo): check, then start caching."""
         sp = root.sp
         if not self.owned[cpu] or sp is None:  # special roots map nothing

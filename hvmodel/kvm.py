@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hvmodel.kvm_host import (
-    INVALID_PAGE,
     IN_GUEST_MODE,
+    INVALID_PAGE,
     KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
     KVM_REQ_TLB_FLUSH,
     KVM_REQ_TLB_FLUSH_CURRENT,
@@ -64,12 +64,28 @@ class KvmVcpu:
     """struct kvm_vcpu + struct vcpu_vmx (the parts that matter for TLB maintenance)."""
 
     __slots__ = (
-        "kvm", "vcpu_idx", "cpu", "mode", "requests", "arch", "guest_mode", "smm",
-        "vmcs01", "vmcs02", "loaded_vmcs", "vpid", "vpid02", "last_vpid12", "l2",
-        "nested_eptp12", "nested_eptp12_backed", "hv_root_tdp", "loaded",
+        "kvm",
+        "vcpu_idx",
+        "cpu",
+        "mode",
+        "requests",
+        "arch",
+        "guest_mode",
+        "smm",
+        "vmcs01",
+        "vmcs02",
+        "loaded_vmcs",
+        "vpid",
+        "vpid02",
+        "last_vpid12",
+        "l2",
+        "nested_eptp12",
+        "nested_eptp12_backed",
+        "hv_root_tdp",
+        "loaded",
     )
 
-    def __init__(self, kvm: "Kvm", idx: int):
+    def __init__(self, kvm: Kvm, idx: int):
         self.kvm, self.vcpu_idx = kvm, idx
         self.cpu = -1  # vcpu->cpu: the pCPU it last loaded on
         self.loaded = False  # between vcpu_load and vcpu_put
@@ -95,7 +111,7 @@ class KvmVcpu:
 class Kvm:
     """struct kvm: vCPUs, the TDP MMU root list, the shadow page hash, mmu_valid_gen."""
 
-    def __init__(self, host: "Host", vm_id: int, nr_vcpus: int, tdp_level: int, node: int):
+    def __init__(self, host: Host, vm_id: int, nr_vcpus: int, tdp_level: int, node: int):
         self.host, self.id, self.tdp_level, self.node = host, vm_id, tdp_level, node
         self.roots: dict = {}  # every live root page of this VM, by id
         self.tdp_mmu_roots: list = []
@@ -105,7 +121,7 @@ class Kvm:
 
 
 # --- VM lifecycle -------------------------------------------------------------------------
-def kvm_create_vm(host: "Host", vm_id: int, nr_vcpus: int, tdp_level: int, node: int) -> Kvm:
+def kvm_create_vm(host: Host, vm_id: int, nr_vcpus: int, tdp_level: int, node: int) -> Kvm:
     if vm_id in host.vms:
         raise TraceError(f"vm_create: VM {vm_id} already exists")
     if not 0 <= node < host.topo.numa_nodes:
@@ -221,7 +237,7 @@ def kvm_arch_flush_shadow_memslot(kvm: Kvm) -> None:
 
 
 # --- event dispatch -----------------------------------------------------------------------
-def vcpu_event(host: "Host", vm: int, vcpu_idx: int, what: str) -> KvmVcpu:
+def vcpu_event(host: Host, vm: int, vcpu_idx: int, what: str) -> KvmVcpu:
     kvm = host.vms.get(vm)
     if kvm is None:
         raise TraceError(f"{what}: VM {vm} does not exist")

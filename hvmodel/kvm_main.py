@@ -13,11 +13,11 @@ if TYPE_CHECKING:
     from hvmodel.kvm import Kvm, KvmVcpu
 
 
-def kvm_make_request(req: int, vcpu: "KvmVcpu") -> None:
+def kvm_make_request(req: int, vcpu: KvmVcpu) -> None:
     vcpu.requests |= req
 
 
-def kvm_make_all_cpus_request(kvm: "Kvm", req: int) -> None:
+def kvm_make_all_cpus_request(kvm: Kvm, req: int) -> None:
     """Set `req` on every vCPU; IPI (and wait for) only the pCPUs whose vCPU is in guest mode.
 
     The handler (ack_flush) is empty: the IPI only forces the VM exit, and each vCPU services
@@ -33,13 +33,13 @@ def kvm_make_all_cpus_request(kvm: "Kvm", req: int) -> None:
     host.send_ipis(host.this_cpu, targets, "ipi_flush")
 
 
-def kvm_flush_remote_tlbs(kvm: "Kvm") -> None:
+def kvm_flush_remote_tlbs(kvm: Kvm) -> None:
     """kvm_flush_remote_tlbs(): the strategy may add to it (mask clearing, generations)."""
     kvm.host.metrics.vm["remote_flushes"] += 1
     kvm.host.strategy.flush_remote_tlbs(kvm)
 
 
-def kvm_arch_flush_remote_tlbs(kvm: "Kvm") -> None:
+def kvm_arch_flush_remote_tlbs(kvm: Kvm) -> None:
     """The environment's default: hv_flush_remote_tlbs() when nested on Hyper-V, else requests."""
     if kvm.host.env == "hyperv":
         hv_flush_remote_tlbs(kvm)
@@ -48,7 +48,7 @@ def kvm_arch_flush_remote_tlbs(kvm: "Kvm") -> None:
         kvm_make_all_cpus_request(kvm, KVM_REQ_TLB_FLUSH)
 
 
-def hv_flush_remote_tlbs(kvm: "Kvm") -> None:
+def hv_flush_remote_tlbs(kvm: Kvm) -> None:
     """One HvCallFlushGuestPhysicalAddressSpace per distinct vcpu->arch.hv_root_tdp.
 
     hv_track_root_tdp() records the root a vCPU last loaded into EPT_POINTER; roots cached

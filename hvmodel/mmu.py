@@ -16,13 +16,13 @@ from hvmodel.kvm_host import (
     INVALID_ROOT,
     KVM_MMU_NUM_PREV_ROOTS,
     KVM_MMU_ROOT_CURRENT,
+    KVM_MMU_ROOT_PREVIOUS,
     KVM_MMU_ROOTS_ALL,
     KVM_REQ_LOAD_MMU_PGD,
     KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
     VALID_PAGE,
     KvmMmuPageRole,
     KvmMmuRootInfo,
-    KVM_MMU_ROOT_PREVIOUS,
 )
 from hvmodel.kvm_main import kvm_flush_remote_tlbs, kvm_make_all_cpus_request, kvm_make_request
 
@@ -62,9 +62,22 @@ class KvmMmuPage:
     `epoch` counts zaps of its SPTEs: TLB entries cached at an older epoch are stale.
     """
 
-    __slots__ = ("id", "kvm", "role", "gfn", "hpa", "root_count", "invalid", "epoch", "tdp_mmu_page", "mmu_valid_gen", "holders", "__weakref__")
+    __slots__ = (
+        "id",
+        "kvm",
+        "role",
+        "gfn",
+        "hpa",
+        "root_count",
+        "invalid",
+        "epoch",
+        "tdp_mmu_page",
+        "mmu_valid_gen",
+        "holders",
+        "__weakref__",
+    )
 
-    def __init__(self, rid: int, kvm: "Kvm", role: KvmMmuPageRole, gfn: int, hpa: int, tdp: bool):
+    def __init__(self, rid: int, kvm: Kvm, role: KvmMmuPageRole, gfn: int, hpa: int, tdp: bool):
         self.id, self.kvm, self.role, self.gfn, self.hpa = rid, kvm, role, gfn, hpa
         self.root_count = 0
         self.invalid = False
@@ -96,7 +109,7 @@ class KvmMmu:
 
 
 # --- roles --------------------------------------------------------------------------------
-def kvm_calc_tdp_mmu_root_page_role(vcpu: "KvmVcpu") -> KvmMmuPageRole:
+def kvm_calc_tdp_mmu_root_page_role(vcpu: KvmVcpu) -> KvmMmuPageRole:
     """TDP roots: level from guest MAXPHYADDR (per VM), smm and guest_mode from vCPU state."""
     return KvmMmuPageRole(
         level=vcpu.kvm.tdp_level,
@@ -107,18 +120,18 @@ def kvm_calc_tdp_mmu_root_page_role(vcpu: "KvmVcpu") -> KvmMmuPageRole:
     )
 
 
-def kvm_calc_shadow_ept_root_page_role(vcpu: "KvmVcpu") -> KvmMmuPageRole:
+def kvm_calc_shadow_ept_root_page_role(vcpu: KvmVcpu) -> KvmMmuPageRole:
     return KvmMmuPageRole(level=4, direct=False, guest_mode=True, smm=False, ad_disabled=not vcpu.kvm.host.ept_ad)
 
 
-def kvm_init_mmu(vcpu: "KvmVcpu") -> None:
+def kvm_init_mmu(vcpu: KvmVcpu) -> None:
     """Recompute root_role after a mode change (SMM, guest mode)."""
     if vcpu.arch.mmu is vcpu.arch.root_mmu:
         vcpu.arch.root_mmu.root_role = kvm_calc_tdp_mmu_root_page_role(vcpu)
 
 
 # --- allocation ---------------------------------------------------------------------------
-def kvm_mmu_alloc_root_page(kvm: "Kvm", role: KvmMmuPageRole, gfn: int, tdp: bool) -> KvmMmuPage:
+def kvm_mmu_alloc_root_page(kvm: Kvm, role: KvmMmuPageRole, gfn: int, tdp: bool) -> KvmMmuPage:
     """tdp_mmu_alloc_sp() / kvm_mmu_alloc_shadow_page(): a page from the VM's node."""
     host = kvm.host
     sp = KvmMmuPage(host.alloc_root_id(), kvm, role, gfn, host.pool.alloc(kvm.node), tdp)
@@ -128,7 +141,7 @@ def kvm_mmu_alloc_root_page(kvm: "Kvm", role: KvmMmuPageRole, gfn: int, tdp: boo
     return sp
 
 
-def kvm_mmu_free_page(kvm: "Kvm", sp: KvmMmuPage) -> None:
+def kvm_mmu_free_page(kvm: Kvm, sp: KvmMmuPage) -> None:
     """The page goes back to the allocator. No TLB flush: KVM relies on flush-at-first-use."""
     host = kvm.host
     del kvm.roots[sp.id]
@@ -137,7 +150,7 @@ def kvm_mmu_free_page(kvm: "Kvm", sp: KvmMmuPage) -> None:
     host.pool.release(kvm.node, sp.hpa)
 
 
-def kvm_tdp_mmu_alloc_root(vcpu: "KvmVcpu") -> KvmMmuPage:
+def kvm_tdp_mmu_alloc_root(vcpu: KvmVcpu) -> KvmMmuPage:
     """Reuse a valid root with the same role.word (kvm_tdp_mmu_get_root), else allocate one
     with refcount 2: one for this vCPU, one for the TDP MMU until the root is invalidated."""
     kvm, role = vcpu.kvm, vcpu.arch.mmu.root_role
@@ -152,11 +165,11 @@ def kvm_tdp_mmu_alloc_root(vcpu: "KvmVcpu") -> KvmMmuPage:
     return sp
 
 
-def is_obsolete_sp(kvm: "Kvm", sp: KvmMmuPage) -> bool:
+def is_obsolete_sp(kvm: Kvm, sp: KvmMmuPage) -> bool:
     return sp.invalid or (not sp.tdp_mmu_page and sp.mmu_valid_gen != kvm.mmu_valid_gen)
 
 
-def kvm_mmu_get_shadow_page(kvm: "Kvm", gfn: int, role: KvmMmuPageRole) -> KvmMmuPage:
+def kvm_mmu_get_shadow_page(kvm: Kvm, gfn: int, role: KvmMmuPageRole) -> KvmMmuPage:
     """Find the shadow page for (gfn, role) in the VM's hash, or create it.
 
     A found page keeps its HPA (and any strategy state attached to it): a "new" root can be
@@ -170,7 +183,7 @@ def kvm_mmu_get_shadow_page(kvm: "Kvm", gfn: int, role: KvmMmuPageRole) -> KvmMm
     return sp
 
 
-def mmu_alloc_shadow_roots(vcpu: "KvmVcpu") -> KvmMmuRootInfo:
+def mmu_alloc_shadow_roots(vcpu: KvmVcpu) -> KvmMmuRootInfo:
     """guest_mmu for nested EPT: the root shadows L1's EPT12 root table at gfn = EPTP12."""
     mmu = vcpu.arch.mmu
     gfn = vcpu.nested_eptp12
@@ -183,7 +196,7 @@ def mmu_alloc_shadow_roots(vcpu: "KvmVcpu") -> KvmMmuRootInfo:
     return KvmMmuRootInfo(gfn, sp.hpa, sp)
 
 
-def kvm_mmu_load(vcpu: "KvmVcpu") -> None:
+def kvm_mmu_load(vcpu: KvmVcpu) -> None:
     """Get a root for vcpu->arch.mmu, then flush it on this pCPU only (flush_tlb_current).
 
     This flush happens on every load, also when an existing TDP root is merely re-referenced;
@@ -200,7 +213,7 @@ def kvm_mmu_load(vcpu: "KvmVcpu") -> None:
 
 
 # --- freeing ------------------------------------------------------------------------------
-def kvm_tdp_mmu_put_root(kvm: "Kvm", sp: KvmMmuPage) -> None:
+def kvm_tdp_mmu_put_root(kvm: Kvm, sp: KvmMmuPage) -> None:
     """Drop a reference; the last one (only possible once invalidated) frees via RCU."""
     sp.root_count -= 1
     if sp.root_count == 0:
@@ -208,7 +221,7 @@ def kvm_tdp_mmu_put_root(kvm: "Kvm", sp: KvmMmuPage) -> None:
         kvm_mmu_free_page(kvm, sp)
 
 
-def mmu_free_root_page(kvm: "Kvm", root: KvmMmuRootInfo) -> bool:
+def mmu_free_root_page(kvm: Kvm, root: KvmMmuRootInfo) -> bool:
     """Returns True if a shadow page was zapped (the caller then commits: remote flush)."""
     sp = root.sp
     if sp is None:  # special root
@@ -223,7 +236,7 @@ def mmu_free_root_page(kvm: "Kvm", root: KvmMmuRootInfo) -> bool:
     return False
 
 
-def kvm_mmu_free_roots(kvm: "Kvm", mmu: KvmMmu, roots_to_free: int) -> None:
+def kvm_mmu_free_roots(kvm: Kvm, mmu: KvmMmu, roots_to_free: int) -> None:
     zapped = False
     if roots_to_free & KVM_MMU_ROOT_CURRENT and VALID_PAGE(mmu.root.hpa):
         zapped |= mmu_free_root_page(kvm, mmu.root)
@@ -236,17 +249,17 @@ def kvm_mmu_free_roots(kvm: "Kvm", mmu: KvmMmu, roots_to_free: int) -> None:
         kvm_flush_remote_tlbs(kvm)
 
 
-def kvm_mmu_unload(vcpu: "KvmVcpu") -> None:
+def kvm_mmu_unload(vcpu: KvmVcpu) -> None:
     """Free every root of root_mmu and guest_mmu (KVM_MMU_ROOTS_ALL)."""
     kvm_mmu_free_roots(vcpu.kvm, vcpu.arch.root_mmu, KVM_MMU_ROOTS_ALL)
     kvm_mmu_free_roots(vcpu.kvm, vcpu.arch.guest_mmu, KVM_MMU_ROOTS_ALL)
 
 
-def is_obsolete_root(kvm: "Kvm", root: KvmMmuRootInfo) -> bool:
+def is_obsolete_root(kvm: Kvm, root: KvmMmuRootInfo) -> bool:
     return root.sp is not None and is_obsolete_sp(kvm, root.sp)
 
 
-def kvm_mmu_free_obsolete_roots(vcpu: "KvmVcpu") -> None:
+def kvm_mmu_free_obsolete_roots(vcpu: KvmVcpu) -> None:
     for mmu in (vcpu.arch.root_mmu, vcpu.arch.guest_mmu):
         roots = sum(
             (KVM_MMU_ROOT_CURRENT if i == 0 else KVM_MMU_ROOT_PREVIOUS(i - 1))
@@ -266,7 +279,7 @@ def is_root_usable(root: KvmMmuRootInfo, pgd: int, role: KvmMmuPageRole) -> bool
     return role == root.sp.role and not root.sp.invalid
 
 
-def cached_root_find_and_keep_current(kvm: "Kvm", mmu: KvmMmu, pgd: int, role: KvmMmuPageRole) -> bool:
+def cached_root_find_and_keep_current(kvm: Kvm, mmu: KvmMmu, pgd: int, role: KvmMmuPageRole) -> bool:
     """Rotate current into prev_roots while searching; on a miss free the LRU root."""
     if is_root_usable(mmu.root, pgd, role):
         return True
@@ -278,7 +291,7 @@ def cached_root_find_and_keep_current(kvm: "Kvm", mmu: KvmMmu, pgd: int, role: K
     return False
 
 
-def cached_root_find_without_current(kvm: "Kvm", mmu: KvmMmu, pgd: int, role: KvmMmuPageRole) -> bool:
+def cached_root_find_without_current(kvm: Kvm, mmu: KvmMmu, pgd: int, role: KvmMmuPageRole) -> bool:
     for i in range(KVM_MMU_NUM_PREV_ROOTS):
         if is_root_usable(mmu.prev_roots[i], pgd, role):
             mmu.root, mmu.prev_roots[i] = mmu.prev_roots[i], mmu.root
@@ -287,7 +300,7 @@ def cached_root_find_without_current(kvm: "Kvm", mmu: KvmMmu, pgd: int, role: Kv
     return False
 
 
-def fast_pgd_switch(kvm: "Kvm", mmu: KvmMmu, pgd: int, role: KvmMmuPageRole) -> bool:
+def fast_pgd_switch(kvm: Kvm, mmu: KvmMmu, pgd: int, role: KvmMmuPageRole) -> bool:
     if VALID_PAGE(mmu.root.hpa) and mmu.root.sp is None:  # special roots are never cached
         kvm_mmu_free_roots(kvm, mmu, KVM_MMU_ROOT_CURRENT)
     if VALID_PAGE(mmu.root.hpa):
@@ -295,7 +308,7 @@ def fast_pgd_switch(kvm: "Kvm", mmu: KvmMmu, pgd: int, role: KvmMmuPageRole) -> 
     return cached_root_find_without_current(kvm, mmu, pgd, role)
 
 
-def kvm_mmu_new_pgd(vcpu: "KvmVcpu", pgd: int) -> None:
+def kvm_mmu_new_pgd(vcpu: KvmVcpu, pgd: int) -> None:
     """Switch vcpu->arch.mmu to `pgd`: a cache hit only reloads EPT_POINTER, with NO flush
     (hazard H3); a miss leaves the root invalid for kvm_mmu_reload() -> kvm_mmu_load()."""
     mmu = vcpu.arch.mmu
@@ -308,7 +321,7 @@ def kvm_mmu_new_pgd(vcpu: "KvmVcpu", pgd: int) -> None:
 
 
 # --- VM-wide zaps -------------------------------------------------------------------------
-def kvm_mmu_zap_leafs(kvm: "Kvm", eptp12: int = 0) -> None:
+def kvm_mmu_zap_leafs(kvm: Kvm, eptp12: int = 0) -> None:
     """SPTEs were zapped in every root that maps the range (all of them for an mmu_notifier
     range; only the shadow-EPT roots of one EPTP12 for kvm_mmu_track_write), then flushed."""
     for sp in kvm.roots.values():
@@ -317,12 +330,12 @@ def kvm_mmu_zap_leafs(kvm: "Kvm", eptp12: int = 0) -> None:
     kvm_flush_remote_tlbs(kvm)
 
 
-def kvm_tdp_mmu_invalidate_roots(kvm: "Kvm") -> None:
+def kvm_tdp_mmu_invalidate_roots(kvm: Kvm) -> None:
     for sp in kvm.tdp_mmu_roots:
         sp.invalid = True
 
 
-def kvm_zap_obsolete_pages(kvm: "Kvm") -> None:
+def kvm_zap_obsolete_pages(kvm: Kvm) -> None:
     """Zap obsolete shadow pages: unused ones now, roots in use once their root_count drops."""
     zapped = False
     for key, sp in list(kvm.mmu_page_hash.items()):
@@ -337,13 +350,13 @@ def kvm_zap_obsolete_pages(kvm: "Kvm") -> None:
         kvm_flush_remote_tlbs(kvm)
 
 
-def kvm_tdp_mmu_zap_invalidated_roots(kvm: "Kvm") -> None:
+def kvm_tdp_mmu_zap_invalidated_roots(kvm: Kvm) -> None:
     """Put the TDP MMU's own reference of every invalidated root (freed if no vCPU holds it)."""
     for sp in [r for r in kvm.tdp_mmu_roots if r.invalid]:
         kvm_tdp_mmu_put_root(kvm, sp)
 
 
-def kvm_mmu_zap_all_fast(kvm: "Kvm") -> None:
+def kvm_mmu_zap_all_fast(kvm: Kvm) -> None:
     """Memslot delete/move with KVM_X86_QUIRK_SLOT_ZAP_ALL: invalidate every root; vCPUs drop
     them (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kicking those in guest mode) and load new ones,
     flushing only locally. No remote TLB flush for the TDP roots."""
@@ -354,7 +367,7 @@ def kvm_mmu_zap_all_fast(kvm: "Kvm") -> None:
     kvm_tdp_mmu_zap_invalidated_roots(kvm)
 
 
-def kvm_mmu_uninit_vm(kvm: "Kvm") -> None:
+def kvm_mmu_uninit_vm(kvm: Kvm) -> None:
     """VM teardown after all vCPUs dropped their roots: every root page is freed."""
     kvm.mmu_valid_gen ^= 1
     kvm_tdp_mmu_invalidate_roots(kvm)

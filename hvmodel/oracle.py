@@ -27,10 +27,10 @@ if TYPE_CHECKING:
 
 
 class Oracle:
-    def __init__(self, host: "Host"):
+    def __init__(self, host: Host):
         self.host = host
 
-    def classify(self, vcpu: "KvmVcpu", root, entry: "TlbEntry") -> str:
+    def classify(self, vcpu: KvmVcpu, root, entry: TlbEntry) -> str:
         if entry.sp is not root.sp:
             return "h1"
         if root.sp is None:
@@ -44,7 +44,7 @@ class Oracle:
             return "h5"
         return "h2"
 
-    def stale_use(self, cpu: int, vcpu: "KvmVcpu", root, entry: "TlbEntry") -> None:
+    def stale_use(self, cpu: int, vcpu: KvmVcpu, root, entry: TlbEntry) -> None:
         kind = self.classify(vcpu, root, entry)
         sp = root.sp
         self.host.metrics.stale(
@@ -66,7 +66,7 @@ class Oracle:
             },
         )
 
-    def note_remote_flush(self, kvm: "Kvm") -> None:
+    def note_remote_flush(self, kvm: Kvm) -> None:
         """Before a bare-metal remote flush: mark the VM's cached roots on pCPUs that no vCPU of
         the VM has a VMCS loaded on; no request can ever reach those (H4)."""
         host = self.host

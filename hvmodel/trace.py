@@ -11,10 +11,10 @@ every strategy replays exactly the same events.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -189,7 +189,7 @@ class Trace:
         return f"event {index}"
 
     @classmethod
-    def from_array(cls, events: np.ndarray, duration_ns: int | None = None, **meta) -> "Trace":
+    def from_array(cls, events: np.ndarray, duration_ns: int | None = None, **meta) -> Trace:
         events = np.asarray(events, dtype=EVENT_DTYPE)
         dur = duration_ns if duration_ns is not None else (int(events["time_ns"][-1]) if len(events) else 0)
         return cls(lambda: iter([events]), dur, meta)

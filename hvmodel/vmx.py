@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 from hvmodel.kvm_host import (
     KVM_MMU_NUM_PREV_ROOTS,
     KVM_MMU_ROOT_CURRENT,
+    KVM_MMU_ROOT_PREVIOUS,
     KVM_MMU_ROOTS_ALL,
     KVM_REQ_TLB_FLUSH_GUEST,
     VALID_PAGE,
     VMX_NR_VPIDS,
-    KVM_MMU_ROOT_PREVIOUS,
 )
 from hvmodel.kvm_main import kvm_make_request
 from hvmodel.mmu import (
@@ -40,7 +40,7 @@ class VpidBitmap:
         self.free: list[int] = []
         self.next = 1
 
-    def allocate_vpid(self, host: "Host") -> int:
+    def allocate_vpid(self, host: Host) -> int:
         if self.free:
             return self.free.pop()
         if self.next < self.nr:
@@ -65,7 +65,7 @@ class LoadedVmcs:
 
 
 # --- VMCS load / migration ----------------------------------------------------------------
-def loaded_vmcs_clear(host: "Host", vmcs: LoadedVmcs) -> None:
+def loaded_vmcs_clear(host: Host, vmcs: LoadedVmcs) -> None:
     """smp_call_function_single(vmcs->cpu, __loaded_vmcs_clear, wait=1) unless local."""
     if vmcs.cpu != -1:
         if vmcs.cpu != host.this_cpu:
@@ -73,7 +73,7 @@ def loaded_vmcs_clear(host: "Host", vmcs: LoadedVmcs) -> None:
         vmcs.cpu = -1
 
 
-def vmx_vcpu_load_vmcs(vcpu: "KvmVcpu", cpu: int) -> None:
+def vmx_vcpu_load_vmcs(vcpu: KvmVcpu, cpu: int) -> None:
     """On a pCPU new to this VMCS: VMCLEAR it on the old one (an IPI in every strategy), then
     let the strategy make the new pCPU safe. Upstream raises KVM_REQ_TLB_FLUSH: "the new pCPU
     may have stale TLB entries from its previous association with the vCPU"."""
@@ -91,7 +91,7 @@ def vmx_vcpu_load_vmcs(vcpu: "KvmVcpu", cpu: int) -> None:
     host.strategy.vcpu_migrated(vcpu, cpu)
 
 
-def vmx_switch_vmcs(vcpu: "KvmVcpu", vmcs: LoadedVmcs) -> None:
+def vmx_switch_vmcs(vcpu: KvmVcpu, vmcs: LoadedVmcs) -> None:
     if vcpu.loaded_vmcs is vmcs:
         return
     vcpu.loaded_vmcs = vmcs
@@ -99,7 +99,7 @@ def vmx_switch_vmcs(vcpu: "KvmVcpu", vmcs: LoadedVmcs) -> None:
 
 
 # --- flush handlers -----------------------------------------------------------------------
-def vmx_flush_tlb_ept_root(host: "Host", cpu: int, root) -> None:
+def vmx_flush_tlb_ept_root(host: Host, cpu: int, root) -> None:
     """INVEPT single-context on root.hpa; with no shadow page (special root) construct_eptp()
     returns INVALID_PAGE and KVM falls back to ept_sync_global() (6.19, patch 3/5)."""
     if root.sp is None:
@@ -108,18 +108,18 @@ def vmx_flush_tlb_ept_root(host: "Host", cpu: int, root) -> None:
         host.invept_single(cpu, root.hpa)
 
 
-def vmx_flush_tlb_current(vcpu: "KvmVcpu") -> None:
+def vmx_flush_tlb_current(vcpu: KvmVcpu) -> None:
     root = vcpu.arch.mmu.root
     if VALID_PAGE(root.hpa):
         vmx_flush_tlb_ept_root(vcpu.kvm.host, vcpu.cpu, root)
 
 
-def vmx_flush_tlb_all(vcpu: "KvmVcpu") -> None:
+def vmx_flush_tlb_all(vcpu: KvmVcpu) -> None:
     """KVM_REQ_TLB_FLUSH with EPT: ept_sync_global(), unconditionally."""
     vcpu.kvm.host.invept_global(vcpu.cpu)
 
 
-def vmx_flush_tlb_guest(vcpu: "KvmVcpu") -> None:
+def vmx_flush_tlb_guest(vcpu: KvmVcpu) -> None:
     """KVM_REQ_TLB_FLUSH_GUEST: INVVPID single on the current VPID (vpid02 in L2)."""
     vpid = vcpu.vpid02 if vcpu.guest_mode else vcpu.vpid
     if vpid:
@@ -127,7 +127,7 @@ def vmx_flush_tlb_guest(vcpu: "KvmVcpu") -> None:
 
 
 # --- nested VMX ---------------------------------------------------------------------------
-def nested_vmx_transition_tlb_flush(vcpu: "KvmVcpu", vpid12: int) -> None:
+def nested_vmx_transition_tlb_flush(vcpu: KvmVcpu, vpid12: int) -> None:
     """On VM-enter. L1 enables VPID for its L2s (vpid12 = the L2's id): with EPT on, L1 and L2
     never share an EP4TA, so only a change of vpid12 needs KVM_REQ_TLB_FLUSH_GUEST (and
     nothing is needed on VM-exit, L1 having its own VPID)."""
@@ -136,7 +136,7 @@ def nested_vmx_transition_tlb_flush(vcpu: "KvmVcpu", vpid12: int) -> None:
         kvm_make_request(KVM_REQ_TLB_FLUSH_GUEST, vcpu)
 
 
-def nested_vmx_enter_non_root_mode(vcpu: "KvmVcpu", l2: int, nested_ept: bool, eptp_backed: bool) -> None:
+def nested_vmx_enter_non_root_mode(vcpu: KvmVcpu, l2: int, nested_ept: bool, eptp_backed: bool) -> None:
     """VMLAUNCH/VMRESUME from L1: vmcs02 becomes current (its own migration check), then the
     MMU switches: guest_mmu on EPTP12 for nested EPT, else root_mmu with guest_mode=1."""
     host = vcpu.kvm.host
@@ -156,7 +156,7 @@ def nested_vmx_enter_non_root_mode(vcpu: "KvmVcpu", l2: int, nested_ept: bool, e
     nested_vmx_transition_tlb_flush(vcpu, l2)
 
 
-def nested_vmx_vmexit(vcpu: "KvmVcpu") -> None:
+def nested_vmx_vmexit(vcpu: KvmVcpu) -> None:
     """Back to L1: vmcs01 (its own migration check) and root_mmu with guest_mode = 0, reached
     through kvm_mmu_new_pgd(): the L1 root comes back from the cache without a flush."""
     vmx_switch_vmcs(vcpu, vcpu.vmcs01)
@@ -167,7 +167,7 @@ def nested_vmx_vmexit(vcpu: "KvmVcpu") -> None:
     kvm_mmu_new_pgd(vcpu, 0)
 
 
-def handle_invept(vcpu: "KvmVcpu", eptp12: int) -> None:
+def handle_invept(vcpu: KvmVcpu, eptp12: int) -> None:
     """L1 INVEPT: free the guest_mmu roots for EPTP12 (single-context) or all of them; the
     next use goes through kvm_mmu_load(), whose local flush covers this pCPU."""
     mmu = vcpu.arch.guest_mmu

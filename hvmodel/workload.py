@@ -10,8 +10,8 @@ Every parameter is documented, with its unit, in conf/workload/*.yaml.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -288,7 +288,8 @@ class PartitionedPinned(_VmFleet):
         if max(self.vm_vcpus) > per_node:
             raise ConfigError(
                 "workload.vm_vcpus",
-                f"a pinned VM of {max(self.vm_vcpus)} vCPUs does not fit in the {per_node} isolated CPUs of a NUMA node of host {topo.name or topo.nr_cpus}",
+                f"a pinned VM of {max(self.vm_vcpus)} vCPUs does not fit in the {per_node} isolated CPUs"
+                f" of a NUMA node of host {topo.name or topo.nr_cpus}",
             )
 
     def partitions(self, sim: _Sim, host: _Host) -> list[tuple[int, list[int]]]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import sys
 
 from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import OmegaConf
 
 from hvmodel.errors import ConfigError
-
 from orchestrator.main import CONF_DIR, app
 from orchestrator.scenario import GROUPS, build_scenario, instantiate_group
 
@@ -49,7 +48,7 @@ def _unknown_key(cfg, key: str) -> str:
     node = OmegaConf.select(cfg, parent) if parent else cfg
     if node is None or not OmegaConf.is_dict(node):
         return f"{key}: unknown key"
-    allowed = [k for k in node.keys() if k != "_target_"]
+    allowed = [k for k in node if k != "_target_"]
     return f"{key}: unknown key; allowed: {', '.join(f'{parent}.{k}' if parent else k for k in allowed)}"
 
 
@@ -100,11 +99,7 @@ def main() -> None:
         except UsageError as e:
             print(f"hvbench: error: {e}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
-    try:
-        app()
-    except ConfigError as e:  # should have been caught above; never leave a traceback for input errors
-        print(f"hvbench: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+    app()
 
 
 if __name__ == "__main__":

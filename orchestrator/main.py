@@ -14,9 +14,9 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from hvmodel.errors import ConfigError
 from hvmodel.metrics import summarize
-from hvmodel.trace import save_binary
-
+from hvmodel.trace import TraceError, save_binary
 from orchestrator import report
 from orchestrator.scenario import build_scenario
 from orchestrator.sharding import Progress, run_shards
@@ -94,8 +94,9 @@ def run(cfg: DictConfig) -> dict:
         job.log_artifacts(out, "run")
     print(report.stale_verdict(summary, result["examples"], scenario.strategy.name))
     print(
-        f"[hvbench] {run_name}: {summary['events']:,} events in {wall:.1f} s; invept single/global "
-        f"{summary['invept_single']}/{summary['invept_global']}, flush IPIs {summary['ipi_flush']}, RT IPIs {summary['ipi_rt']}; {out}/summary.json"
+        f"[hvbench] {run_name}: {summary['events']:,} events in {wall:.1f} s; INVEPT single/global "
+        f"{summary['invept_single']}/{summary['invept_global']}, flush IPIs {summary['ipi_flush']}, "
+        f"RT IPIs {summary['ipi_rt']}; {out}/summary.json"
     )
     return summary
 
@@ -104,12 +105,18 @@ def write_artifacts(out: Path, summary: dict, result: dict, scenario, title: str
     topo = scenario.topo
     write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     write_atomic(out / "stale_examples.json", json.dumps(result["examples"], indent=2) + "\n")
-    write_atomic(out / "osnoise_top.txt", report.osnoise_top(result, topo, int(summary["sim_seconds"] * 1e9), scenario.noise.period_us))
+    write_atomic(
+        out / "osnoise_top.txt", report.osnoise_top(result, topo, int(summary["sim_seconds"] * 1e9), scenario.noise.period_us)
+    )
     report.write_per_cpu_csv(result, topo, out / "per_cpu.csv")
     report.heatmap(result, topo, out / "heatmap.png", title)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> float:
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except (ConfigError, TraceError) as e:  # bad input: one line, exit 2 (the run, if any, is FAILED)
+        print(f"hvbench: error: {e}", file=sys.stderr)
+        sys.exit(2)
     return summary["stale_tlb_uses"]

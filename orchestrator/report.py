@@ -109,8 +109,9 @@ def stale_verdict(summary: dict, examples: list[dict], strategy: str) -> str:
     out = [f"UNSAFE: {strategy} let guests use stale translations {n} times ({kinds})."]
     for e in examples[:3]:
         out.append(
-            f"  t={e['t_ns']} ns vm {e['vm']} vcpu {e['vcpu']} pcpu {e['pcpu']}: {e['mmu']} root {e['root']} ({e['hpa']}, epoch {e['epoch']})"
-            f" but the pCPU caches root {e['cached_root']} of vm {e['cached_vm']} at epoch {e['cached_epoch']}: {HAZARDS[e['kind']]}"
+            f"  t={e['t_ns']} ns vm {e['vm']} vcpu {e['vcpu']} pcpu {e['pcpu']}: {e['mmu']} root {e['root']}"
+            f" ({e['hpa']}, epoch {e['epoch']}) but the pCPU caches root {e['cached_root']} of vm {e['cached_vm']}"
+            f" at epoch {e['cached_epoch']}: {HAZARDS[e['kind']]}"
         )
     return "\n".join(out)
 
@@ -132,10 +133,25 @@ COMPARE_COLUMNS = (
 def compare_table(rows: list[dict]) -> str:
     """rows: dicts with 'strategy', 'host', 'workload' and metric keys. Safety first, then RT
     IPIs, INVEPT rates, mask memory, overhead."""
-    rows = sorted(rows, key=lambda r: (r["host"], r["workload"], r.get("stale_tlb_uses", 0) > 0, r.get("ipi_rt_per_s", 0), r.get("flush_overhead_us", 0)))
+    rows = sorted(
+        rows,
+        key=lambda r: (
+            r["host"],
+            r["workload"],
+            r.get("stale_tlb_uses", 0) > 0,
+            r.get("ipi_rt_per_s", 0),
+            r.get("flush_overhead_us", 0),
+        ),
+    )
     head = ["host", "workload", "strategy", "verdict", *(c[1] for c in COMPARE_COLUMNS)]
     body = [
-        [r["host"], r["workload"], r["strategy"], "UNSAFE" if r.get("stale_tlb_uses", 0) else "safe", *(f.format(r.get(k, float("nan"))) for k, _, f in COMPARE_COLUMNS)]
+        [
+            r["host"],
+            r["workload"],
+            r["strategy"],
+            "UNSAFE" if r.get("stale_tlb_uses", 0) else "safe",
+            *(f.format(r.get(k, float("nan"))) for k, _, f in COMPARE_COLUMNS),
+        ]
         for r in rows
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
@@ -162,3 +178,32 @@ def main(argv: list[str] | None = None) -> int:
         plot_comparison(rows, Path(args.plot), name)
         print(f"plot: {args.plot}")
     return 0
+
+
+def plot_comparison(rows: list[dict], path: Path, title: str) -> None:
+    """One panel per metric that matters, one bar per strategy (per host/workload), unsafe in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: (r["host"], r["workload"], r["strategy"]))
+    labels = [f"{r['strategy']}\n{r['host']}/{r['workload']}" for r in rows]
+    colors = ["tab:red" if r.get("stale_tlb_uses", 0) else "tab:green" for r in rows]
+    panels = [
+        ("stale_tlb_uses", "stale uses"),
+        ("ipi_rt_per_s", "RT IPIs/s"),
+        ("invept_global_per_s", "INVEPT global/s"),
+        ("invept_single_per_s", "INVEPT single/s"),
+        ("cpumask_bytes_peak", "mask bytes"),
+        ("flush_overhead_us", "overhead us"),
+    ]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.9 * len(rows)), 2.2 * len(panels)), sharex=True)
+    for ax, (key, label) in zip(axes, panels):
+        ax.bar(range(len(rows)), [r.get(key, 0) for r in rows], color=colors)
+        ax.set_ylabel(label, fontsize=8)
+    axes[-1].set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+    axes[0].set_title(f"{title} (red: stale translation uses found)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

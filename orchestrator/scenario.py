@@ -60,7 +60,9 @@ def build_scenario(cfg: DictConfig) -> Scenario:
     topo = instantiate_group(cfg, "host")
     strategy = instantiate_group(cfg, "strategy")
     if topo.env not in strategy.environments:
-        raise ConfigError("host.env", f"strategy {strategy.name} runs only with host.env in {list(strategy.environments)}, got {topo.env!r}")
+        raise ConfigError(
+            "host.env", f"strategy {strategy.name} runs only with host.env in {list(strategy.environments)}, got {topo.env!r}"
+        )
     workload = instantiate_group(cfg, "workload")
     workload.check(topo)
     if not isinstance(cfg.seed, int) or cfg.seed < 0:

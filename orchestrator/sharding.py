@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass, field
 
 from hvmodel.engine import Engine
+from hvmodel.errors import ConfigError
 from hvmodel.metrics import merge
-from hvmodel.trace import Trace
-
+from hvmodel.trace import Trace, TraceError
 from orchestrator.scenario import Scenario
 
 
@@ -193,11 +193,20 @@ def run_shards(scenario: Scenario, cluster, shards: int, progress: Progress | No
                 results[i] = ray.get(actors[i].result.remote())
             else:
                 pending[actors[i].advance.remote()] = i
+        except ray.exceptions.RayTaskError as e:
+            for a in actors:
+                ray.kill(a)
+            if isinstance(e.cause, TraceError | ConfigError):  # the user's trace or config: say so plainly
+                raise e.cause from None
+            raise ShardFailed(f"shard {i} (NUMA nodes {plan[i]}) raised {type(e.cause).__name__}: {e.cause}") from e
         except ray.exceptions.RayActorError as e:
             attempts[i] += 1
             if attempts[i] > cluster.max_retries:
                 raise ShardFailed(f"shard {i} (NUMA nodes {plan[i]}) failed {attempts[i]} times: {e}") from e
-            print(f"[hvbench] shard {i} lost its actor ({type(e).__name__}); retry {attempts[i]}/{cluster.max_retries}", file=sys.stderr)
+            print(
+                f"[hvbench] shard {i} lost its actor ({type(e).__name__}); retry {attempts[i]}/{cluster.max_retries}",
+                file=sys.stderr,
+            )
             actors[i] = actor_cls.options(scheduling_strategy="SPREAD").remote(ref, plan[i])
             pending[actors[i].advance.remote()] = i
             info = {"events": 0, "sim_ns": 0, "done": False}

@@ -46,15 +46,15 @@ class FlushStrategy(Protocol):
     name: str
     environments: tuple[str, ...]  # where the strategy can run
 
-    def attach(self, host: "Host") -> None: ...
-    def vcpu_migrated(self, vcpu: "KvmVcpu", cpu: int) -> None: ...
-    def root_created(self, sp: "KvmMmuPage") -> None: ...
-    def root_allocated(self, vcpu: "KvmVcpu", sp: "KvmMmuPage") -> None: ...
-    def root_freed(self, sp: "KvmMmuPage") -> None: ...
-    def flush_tlb_current(self, vcpu: "KvmVcpu") -> None: ...
-    def flush_remote_tlbs(self, kvm: "Kvm") -> None: ...
-    def vm_created(self, kvm: "Kvm") -> None: ...
-    def vm_destroyed(self, kvm: "Kvm") -> None: ...
+    def attach(self, host: Host) -> None: ...
+    def vcpu_migrated(self, vcpu: KvmVcpu, cpu: int) -> None: ...
+    def root_created(self, sp: KvmMmuPage) -> None: ...
+    def root_allocated(self, vcpu: KvmVcpu, sp: KvmMmuPage) -> None: ...
+    def root_freed(self, sp: KvmMmuPage) -> None: ...
+    def flush_tlb_current(self, vcpu: KvmVcpu) -> None: ...
+    def flush_remote_tlbs(self, kvm: Kvm) -> None: ...
+    def vm_created(self, kvm: Kvm) -> None: ...
+    def vm_destroyed(self, kvm: Kvm) -> None: ...
 
 
 class KernelDefaults:
@@ -69,43 +69,45 @@ class KernelDefaults:
         self.mask_sizing = mask_sizing
         self.host: Host | None = None
 
-    def attach(self, host: "Host") -> None:
+    def attach(self, host: Host) -> None:
         if host.env not in self.environments:
-            raise ConfigError("host.env", f"strategy {self.name} runs only with host.env in {list(self.environments)}, got {host.env!r}")
+            raise ConfigError(
+                "host.env", f"strategy {self.name} runs only with host.env in {list(self.environments)}, got {host.env!r}"
+            )
         self.host = host
 
     @property
     def mask_bytes(self) -> int:
         return cpumask_bytes(self.host.topo.nr_cpus, self.mask_sizing)
 
-    def vcpu_migrated(self, vcpu: "KvmVcpu", cpu: int) -> None:
+    def vcpu_migrated(self, vcpu: KvmVcpu, cpu: int) -> None:
         """vmx_vcpu_load_vmcs() on a new pCPU: flush all EPTP/VPID contexts at next entry."""
         kvm_make_request(KVM_REQ_TLB_FLUSH, vcpu)
 
-    def root_created(self, sp: "KvmMmuPage") -> None:
+    def root_created(self, sp: KvmMmuPage) -> None:
         """A root page was allocated (TDP root or shadow page)."""
 
-    def root_allocated(self, vcpu: "KvmVcpu", sp: "KvmMmuPage") -> None:
+    def root_allocated(self, vcpu: KvmVcpu, sp: KvmMmuPage) -> None:
         """kvm_mmu_load() got a fresh TDP root, or a shadow root whose root_count went 0 -> 1."""
 
-    def root_freed(self, sp: "KvmMmuPage") -> None:
+    def root_freed(self, sp: KvmMmuPage) -> None:
         """The root page goes back to the allocator (no flush upstream)."""
 
-    def flush_tlb_current(self, vcpu: "KvmVcpu") -> None:
+    def flush_tlb_current(self, vcpu: KvmVcpu) -> None:
         """kvm_x86_call(flush_tlb_current): INVEPT single-context, this pCPU only."""
         vmx_flush_tlb_current(vcpu)
 
-    def flush_remote_tlbs(self, kvm: "Kvm") -> None:
+    def flush_remote_tlbs(self, kvm: Kvm) -> None:
         kvm_arch_flush_remote_tlbs(kvm)
 
-    def vm_created(self, kvm: "Kvm") -> None:
+    def vm_created(self, kvm: Kvm) -> None:
         pass
 
-    def vm_destroyed(self, kvm: "Kvm") -> None:
+    def vm_destroyed(self, kvm: Kvm) -> None:
         pass
 
 
-def reachable_roots(vcpu: "KvmVcpu"):
+def reachable_roots(vcpu: KvmVcpu):
     """Roots the vCPU can run on without kvm_mmu_load(): root + prev_roots of root_mmu and
     guest_mmu (nested_mmu never holds an EPTP). At most 2 x (1 + 3) = 8."""
     for mmu in (vcpu.arch.root_mmu, vcpu.arch.guest_mmu):

@@ -1,0 +1,54 @@
+"""Every option of every config group composes with Hydra's Compose API and instantiates."""
+
+from pathlib import Path
+
+import pytest
+from conftest import CONF
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from orchestrator.scenario import GROUPS, build_scenario, instantiate_group
+
+
+def options(group):
+    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+
+
+def test_groups_exist():
+    for group in GROUPS:
+        assert options(group), group
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_instantiates(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    if group == "workload" and option == "trace":
+        trace = tmp_path / "t.jsonl"
+        trace.write_text('{"t_ns": 0, "event": "vm_create", "vm": 1, "vcpus": 1}\n')
+        overrides.append(f"workload.path={trace}")
+    if group == "strategy" and option == "hyperv_flush_hypercall":
+        overrides.append("host=x64")  # H exists only nested on Hyper-V
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    obj = instantiate_group(cfg, group)
+    assert type(obj).__module__.split(".")[0] in ("hvmodel", "orchestrator")
+    scenario = build_scenario(cfg)
+    assert scenario.topo.nr_cpus >= 1
+
+
+def test_host_shapes():
+    """The host sizes DESIGN.md promises, with RT-isolated and housekeeping CPUs on every node."""
+    from hydra.utils import instantiate
+
+    seen = {}
+    for option in options("host"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            topo = instantiate(compose("config", overrides=[f"host={option}"]).host)
+        rt, node = topo.rt_mask(), topo.node_of()
+        for n in range(topo.numa_nodes):
+            assert rt[node == n].any() and (~rt[node == n]).any(), (option, n)
+        seen[topo.nr_cpus] = topo.env
+    assert {64, 384, 1920, 8192} <= set(seen)
+    assert seen[64] == "hyperv" and seen[8192] == "bare_metal"
