@@ -56,5 +56,6 @@ def hv_flush_remote_tlbs(kvm: Kvm) -> None:
     """
     host = kvm.host
     roots = sorted({v.hv_root_tdp for v in kvm.vcpus if VALID_PAGE(v.hv_root_tdp)})
+    host.oracle.note_remote_flush(kvm, set(roots))
     for hpa in roots:
         host.hv_flush_guest_physical_address_space(host.this_cpu, hpa)

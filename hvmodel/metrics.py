@@ -52,7 +52,7 @@ REPLICATED = (
 HAZARDS = {
     "h1": "EP4TA reuse: the tag belongs to a freed root whose page was reallocated",
     "h6": "special root (no shadow page)",
-    "h4": "remote flush never reached this pCPU (no vCPU of the VM was loaded here)",
+    "h4": "a remote flush never reached this entry (no vCPU of the VM loaded here, or a root the Hyper-V hypercall skipped)",
     "h3": "previous-root reuse: fast_pgd_switch to a cached root without a flush",
     "h5": "guest_mmu (shadow-EPT) root not flushed",
     "h2": "missing migration flush",

@@ -8,8 +8,9 @@ Each stale use is counted and classified by the first rule that matches (metrics
   h1  the cached tag belongs to a different root (EP4TA reuse)
   h6  the active root has no shadow page (special root); with EPT the only special root is the
       dummy root, which maps nothing, so this is a guard that the model never installs one
-  h4  a bare-metal remote flush could not reach this pCPU: when the VM was flushed, none of its
-      vCPUs had a VMCS loaded here, so no request or IPI could clean it
+  h4  a remote flush could not reach this entry: on bare metal, none of the VM's vCPUs had a
+      VMCS loaded on this pCPU, so no request or IPI could clean it; nested on Hyper-V, the
+      hypercall flushed only the vCPUs' last-loaded roots, not this one
   h3  the active root came from prev_roots via fast_pgd_switch() since the last load/migration
   h5  the active root is a guest_mmu (shadow-EPT) root
   h2  anything else: a migration flush was missing
@@ -66,14 +67,20 @@ class Oracle:
             },
         )
 
-    def note_remote_flush(self, kvm: Kvm) -> None:
-        """Before a bare-metal remote flush: mark the VM's cached roots on pCPUs that no vCPU of
-        the VM has a VMCS loaded on; no request can ever reach those (H4)."""
+    def note_remote_flush(self, kvm: Kvm, flushed_hpas: set[int] | None = None) -> None:
+        """Before a remote flush, mark the cached entries it cannot reach (H4).
+
+        Bare metal (flushed_hpas None): entries on pCPUs where no vCPU of the VM has a VMCS
+        loaded; no request will ever run there. Hyper-V: entries of roots other than the ones
+        the hypercalls flush (each vCPU's last-loaded root), on every pCPU.
+        """
         host = self.host
         loaded = {v.vmcs01.cpu for v in kvm.vcpus} | {v.vmcs02.cpu for v in kvm.vcpus}
         for sp in kvm.roots.values():
+            if flushed_hpas is not None and sp.hpa in flushed_hpas:
+                continue
             for cpu in sp.holders:
-                if cpu not in loaded:
+                if flushed_hpas is not None or cpu not in loaded:
                     e = host.tlb[cpu].get(sp.hpa)
                     if e is not None and e.sp is sp:
                         e.missed = True
