@@ -3,11 +3,12 @@
 from pathlib import Path
 
 import pytest
-from conftest import CONF
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from orchestrator.scenario import GROUPS, build_scenario, instantiate_group
+
+from conftest import CONF
 
 
 def options(group):

@@ -5,13 +5,14 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import HVBENCH, compose_cfg
 from mlflow.tracking import MlflowClient
 
 from hvmodel.host import Topology
 from hvmodel.trace import Ev
 from hvmodel.workload import Overcommit, PartitionedPinned
 from orchestrator.main import run
+
+from conftest import HVBENCH, compose_cfg
 
 QUIET = [
     "workload.lifecycle.zap_per_s=0",

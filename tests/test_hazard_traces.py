@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from controls import CurrentRootOnly, NoMigrationFlush, RootMmuOnly
 from hvmodel.engine import simulate
 from hvmodel.host import Topology
 from hvmodel.strategies.active_roots import ActiveRoots
@@ -25,6 +24,8 @@ from hvmodel.strategies.root_generation import RootGeneration
 from hvmodel.strategies.upstream import Upstream
 from hvmodel.strategies.vm_ever_ran_mask import VmEverRanMask
 from hvmodel.trace import load_text
+
+from controls import CurrentRootOnly, NoMigrationFlush, RootMmuOnly
 
 TRACES = Path(__file__).parent / "traces"
 STRATEGIES = {
