@@ -12,6 +12,7 @@ Two kinds of numbers, which is what makes sharding exact (DESIGN.md §3):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,7 +69,7 @@ class NoiseBudget:
     """
 
     period_us: int = 1_000_000
-    threshold_us: float = 5.0
+    threshold_us: float = 0.0
     budget_us: float = 20.0
 
     def __post_init__(self) -> None:
@@ -105,11 +106,13 @@ class Metrics:
         self.cpumask_bytes -= nbytes
 
     # --- oracle -----------------------------------------------------------------------
-    def stale(self, cpu: int, kind: str, example: dict) -> None:
+    def stale(self, cpu: int, t_ns: int, kind: str, example: Callable[[], dict]) -> None:
+        """Count a stale use; build its example only if it can be among the first ones."""
         self.cpu["stale_tlb_uses"][cpu] += 1
         self.stale_by_kind[kind] += 1
-        if len(self.examples) < self.max_examples:
-            self.examples.append(example)
+        ex = self.examples
+        if len(ex) < self.max_examples or t_ns <= ex[-1]["t_ns"]:  # events come in time order
+            self.examples = first_examples([*ex, example()], self.max_examples)
 
     # --- noise ------------------------------------------------------------------------
     def record_noise(self, cpu: int, t_ns: int, us: float) -> None:
@@ -154,6 +157,12 @@ class Metrics:
 _MAX_FIELDS = ("noise_max_single_us", "noise_max_window_us")
 
 
+def first_examples(examples: list[dict], k: int) -> list[dict]:
+    """The k earliest stale uses in a total order (time, pCPU, VM, vCPU), so that the examples
+    kept do not depend on how the pCPUs were split into shards."""
+    return sorted(examples, key=lambda e: (e["t_ns"], e["pcpu"], e["vm"], e["vcpu"]))[:k]
+
+
 def merge(results: list[dict], max_examples: int = 10) -> dict:
     """Merge shard results. Per-pCPU arrays add up (each pCPU has one owner); VM-level
     counters must agree across shards, or the sharding is broken and we say so."""
@@ -169,8 +178,8 @@ def merge(results: list[dict], max_examples: int = 10) -> dict:
         stack = np.stack([r["per_cpu"][key] for r in results])
         per_cpu[key] = stack.max(axis=0) if key in _MAX_FIELDS else stack.sum(axis=0)
     stale = {k: sum(r["stale_by_kind"][k] for r in results) for k in first["stale_by_kind"]}
-    examples = sorted((e for r in results for e in r["examples"]), key=lambda e: (e["t_ns"], e["pcpu"]))
-    return {"per_cpu": per_cpu, "vm": dict(first["vm"]), "stale_by_kind": stale, "examples": examples[:max_examples]}
+    examples = first_examples([e for r in results for e in r["examples"]], max_examples)
+    return {"per_cpu": per_cpu, "vm": dict(first["vm"]), "stale_by_kind": stale, "examples": examples}
 
 
 RATE_KEYS = (

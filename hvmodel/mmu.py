@@ -72,9 +72,9 @@ class KvmMmuPage:
         "invalid",
         "epoch",
         "tdp_mmu_page",
+        "tdp_mmu_scheduled_root_to_zap",
         "mmu_valid_gen",
         "holders",
-        "__weakref__",
     )
 
     def __init__(self, rid: int, kvm: Kvm, role: KvmMmuPageRole, gfn: int, hpa: int, tdp: bool):
@@ -83,6 +83,7 @@ class KvmMmuPage:
         self.invalid = False
         self.epoch = 0
         self.tdp_mmu_page = tdp
+        self.tdp_mmu_scheduled_root_to_zap = False  # the TDP MMU's reference is still to be put
         self.mmu_valid_gen = kvm.mmu_valid_gen
         self.holders: set[int] = set()  # owned pCPUs that cached this root (oracle bookkeeping)
 
@@ -331,8 +332,12 @@ def kvm_mmu_zap_leafs(kvm: Kvm, eptp12: int = 0) -> None:
 
 
 def kvm_tdp_mmu_invalidate_roots(kvm: Kvm) -> None:
+    """Mark valid roots invalid and schedule them for zapping; roots invalidated earlier are
+    already scheduled (or zapped): their TDP MMU reference must be put only once."""
     for sp in kvm.tdp_mmu_roots:
-        sp.invalid = True
+        if not sp.invalid:
+            sp.invalid = True
+            sp.tdp_mmu_scheduled_root_to_zap = True
 
 
 def kvm_zap_obsolete_pages(kvm: Kvm) -> None:
@@ -351,8 +356,10 @@ def kvm_zap_obsolete_pages(kvm: Kvm) -> None:
 
 
 def kvm_tdp_mmu_zap_invalidated_roots(kvm: Kvm) -> None:
-    """Put the TDP MMU's own reference of every invalidated root (freed if no vCPU holds it)."""
-    for sp in [r for r in kvm.tdp_mmu_roots if r.invalid]:
+    """Put the TDP MMU's own reference of each root scheduled for zapping (freed if no vCPU
+    holds it any more)."""
+    for sp in [r for r in kvm.tdp_mmu_roots if r.tdp_mmu_scheduled_root_to_zap]:
+        sp.tdp_mmu_scheduled_root_to_zap = False
         kvm_tdp_mmu_put_root(kvm, sp)
 
 

@@ -50,8 +50,9 @@ class Oracle:
         sp = root.sp
         self.host.metrics.stale(
             cpu,
+            self.host.now,
             kind,
-            {
+            lambda: {
                 "t_ns": self.host.now,
                 "kind": kind,
                 "vm": vcpu.kvm.id,

@@ -10,6 +10,7 @@ Every parameter is documented, with its unit, in conf/workload/*.yaml.
 from __future__ import annotations
 
 import heapq
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -308,8 +309,11 @@ class PartitionedPinned(_VmFleet):
         return parts
 
     def start(self, sim: _Sim, host: _Host) -> None:
+        self.start_partitions(sim, host, self.partitions(sim, host))
+
+    def start_partitions(self, sim: _Sim, host: _Host, parts: list[tuple[int, list[int]]]) -> None:
         self.next_vm = 1
-        for node, cpus in self.partitions(sim, host):
+        for node, cpus in parts:
             start = int(sim.rng.uniform(0, self.lifecycle.boot_s) * NS)  # boots are staggered
             sim.at(start, self.boot, sim, (node, cpus), node, host.vmm_cpu[node], cpus)
 
@@ -393,8 +397,11 @@ class Overcommit(_VmFleet):
         return {"isolated": iso, "housekeeping": hk, "all": sorted(iso + hk)}[self.cpuset]
 
     def start(self, sim: _Sim, host: _Host) -> None:
-        self.next_vm = 1
-        cpus = self.pool(host)
+        self.start_on(sim, host, self.pool(host), first_vm=1)
+
+    def start_on(self, sim: _Sim, host: _Host, cpus: list[int], first_vm: int) -> None:
+        """Run this fleet on `cpus`, numbering its VMs from `first_vm`."""
+        self.next_vm = first_vm
         self.nodes = host.topo.numa_nodes
         self.vmm_cpu = host.vmm_cpu
         self.idle = _IdleCpus(cpus)
@@ -506,6 +513,50 @@ class Overcommit(_VmFleet):
                 sim.emit(t, Ev.VM_ENTRY, vm.id, i)
                 self.l1[key] = l2
         sim.at(t + sim.exp_ns(1 / ng.transitions_per_s), self.nested_step, sim, vm, gen)
+
+
+class RtMixed(Workload):
+    """Pinned RT VMs beside overcommitted best-effort VMs on the same host: RT partitions are
+    pinned on the isolated CPUs (as partitioned_pinned, `rt.fill` of them), best-effort VMs
+    float over every other CPU: the housekeeping ones and the isolated ones the RT side left
+    free (as overcommit; size that side with host.housekeeping_per_node or rt.fill). The RT
+    CPUs then see whatever the best-effort side's flushes send them."""
+
+    name = "rt_mixed"
+
+    def __init__(
+        self, duration_s: float = 2.0, rt: dict | None = None, best_effort: dict | None = None, chunk_events: int = 1 << 16
+    ):
+        super().__init__(duration_s, chunk_events)
+        self.rt = PartitionedPinned(duration_s, chunk_events=chunk_events, **_part(rt, PartitionedPinned, "rt", None))
+        self.best_effort = Overcommit(
+            duration_s, chunk_events=chunk_events, **_part(best_effort, Overcommit, "best_effort", "cpuset")
+        )
+
+    def check(self, topo: Topology) -> None:
+        self.rt.check(topo)
+        if not any(_Host(topo).housekeeping) and self.rt.fill == 1:
+            raise ConfigError("workload.rt.fill", "leaves no CPU for the best-effort VMs (no housekeeping CPUs either)")
+
+    def start(self, sim: _Sim, host: _Host) -> None:
+        parts = self.rt.partitions(sim, host)
+        self.rt.start_partitions(sim, host, parts)
+        pinned = {c for _, cpus in parts for c in cpus}
+        free = [c for c in range(host.topo.nr_cpus) if c not in pinned]
+        self.best_effort.start_on(sim, host, free, first_vm=BEST_EFFORT_VM_BASE)
+
+
+BEST_EFFORT_VM_BASE = 1 << 20  # rt_mixed: best-effort VM ids start here, RT VMs at 1
+
+
+def _part(params: dict | None, cls: type, where: str, owned_key: str | None) -> dict:
+    """Parameters of one half of rt_mixed, checked against that generator's own keys."""
+    params = dict(params or {})
+    allowed = [p for p in inspect.signature(cls).parameters if p not in ("duration_s", "chunk_events", owned_key)]
+    for key in params:
+        if key not in allowed:
+            raise ConfigError(f"workload.{where}.{key}", f"unknown key; allowed: {', '.join(allowed)}")
+    return params
 
 
 @dataclass(frozen=True)
