@@ -1,0 +1,249 @@
+"""Property tests: on random valid traces, counters and model state obey invariants.
+
+Traces come from a list of (action, parameter) pairs that hypothesis draws and shrinks; the
+interpreter below turns each pair into the events a host could produce in its current state
+(it skips actions that make no sense there), so every generated trace replays without error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hvmodel.engine as engine_mod
+from hvmodel.engine import Engine, simulate
+from hvmodel.host import Topology
+from hvmodel.kvm_host import IN_GUEST_MODE, VALID_PAGE
+from hvmodel.metrics import merge
+from hvmodel.strategies.active_roots import ActiveRoots
+from hvmodel.strategies.hyperv_flush_hypercall import HypervFlushHypercall
+from hvmodel.strategies.ipi_all_on_alloc import IpiAllOnAlloc
+from hvmodel.strategies.per_root_cpumask import PerRootCpumask
+from hvmodel.strategies.per_root_cpumask_clear import PerRootCpumaskClear
+from hvmodel.strategies.root_generation import RootGeneration
+from hvmodel.strategies.upstream import Upstream
+from hvmodel.strategies.vm_ever_ran_mask import VmEverRanMask
+from hvmodel.trace import EVENT_DTYPE, MMU_RESET_REASONS, Ev, Trace, pack_nested_vmenter, pack_vm_create
+
+TOPO = Topology(nr_cpus=8, numa_nodes=2, smt=1, housekeeping_per_node=1, name="p8")
+HYPERV = Topology(nr_cpus=8, numa_nodes=2, smt=1, housekeeping_per_node=1, env="hyperv", name="p8hv")
+BARE_METAL = [Upstream, IpiAllOnAlloc, VmEverRanMask, ActiveRoots, PerRootCpumask, PerRootCpumaskClear, RootGeneration]
+CPUS = [1, 2, 3, 5, 6, 7]  # the isolated CPUs: vCPUs run here; 0 and 4 run host code
+ACTIONS = st.lists(st.tuples(st.integers(0, 15), st.integers(0, 10_000)), min_size=40, max_size=250)
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class _V:
+    def __init__(self):
+        self.cpu = None  # pCPU while loaded
+        self.guest = False  # in guest mode
+        self.l2 = False
+        self.smm = False
+
+
+def build_trace(actions: list[tuple[int, int]]) -> Trace:
+    """Interpret (action, parameter) pairs into a valid trace for TOPO."""
+    vms: dict[int, list[_V]] = {}
+    busy: set[int] = set()
+    ev: list[tuple] = []
+    next_vm = 1
+
+    def emit(kind, vm=-1, vcpu=-1, pcpu=-1, arg=0):
+        ev.append((len(ev), int(kind), vm, vcpu, pcpu, arg))
+
+    def enter(vm, i, v):
+        emit(Ev.VM_ENTRY, vm, i)
+        v.guest = True
+
+    for action, p in actions:
+        loaded = [(vm, i, v) for vm, vs in vms.items() for i, v in enumerate(vs) if v.cpu is not None]
+        pick = lambda seq, p=p: seq[p % len(seq)]  # noqa: E731
+        if action == 0 or not vms:  # vm_create
+            if len(vms) < 3:
+                vms[next_vm] = [_V() for _ in range(1 + p % 3)]
+                emit(Ev.VM_CREATE, next_vm, pcpu=0, arg=pack_vm_create(len(vms[next_vm]), 4 + (p // 7) % 2, (p // 3) % 2))
+                next_vm += 1
+        elif action == 1:  # vm_destroy, after putting its vCPUs
+            vm = pick(sorted(vms))
+            for i, v in enumerate(vms[vm]):
+                if v.cpu is not None:
+                    emit(Ev.VCPU_PUT, vm, i)
+                    busy.discard(v.cpu)
+            emit(Ev.VM_DESTROY, vm, pcpu=4 * (p % 2))
+            del vms[vm]
+        elif action in (2, 3):  # vcpu_load on a free pCPU, then enter
+            idle = [(vm, i, v) for vm, vs in vms.items() for i, v in enumerate(vs) if v.cpu is None]
+            free = [c for c in CPUS if c not in busy]
+            if idle and free:
+                vm, i, v = pick(idle)
+                v.cpu = free[(p // 5) % len(free)]
+                busy.add(v.cpu)
+                emit(Ev.VCPU_LOAD, vm, i, v.cpu)
+                if action == 2:
+                    enter(vm, i, v)
+        elif action == 4 and loaded:  # vcpu_put
+            vm, i, v = pick(loaded)
+            emit(Ev.VCPU_PUT, vm, i)
+            busy.discard(v.cpu)
+            v.cpu, v.guest = None, False
+        elif action == 5 and loaded:  # vm_exit or vm_entry
+            vm, i, v = pick(loaded)
+            if v.guest:
+                emit(Ev.VM_EXIT, vm, i)
+                v.guest = False
+            else:
+                enter(vm, i, v)
+        elif action == 6:  # mmu-notifier zap, or an EPT12 write zap
+            emit(Ev.ZAP, pick(sorted(vms)), pcpu=4 * (p % 2), arg=0 if p % 3 else 1 + p % 4)
+        elif action == 7:
+            emit(Ev.MEMSLOT_DELETE, pick(sorted(vms)), pcpu=0)
+        elif action == 8 and loaded:  # SMM transition
+            vm, i, v = pick(loaded)
+            emit(Ev.SMM_EXIT if v.smm else Ev.SMM_ENTER, vm, i)
+            v.l2 = False if not v.smm else v.l2
+            v.smm = not v.smm
+            enter(vm, i, v)
+        elif action in (9, 10) and loaded:  # nested VM-enter / VM-exit
+            vm, i, v = pick(loaded)
+            if v.l2:
+                emit(Ev.NESTED_VMEXIT, vm, i)
+                v.l2 = False
+            elif not v.smm:
+                arg = pack_nested_vmenter(1 + (p // 3) % 4, nested_ept=p % 4 != 0, eptp_backed=p % 11 != 0)
+                emit(Ev.NESTED_VMENTER, vm, i, arg=arg)
+                v.l2 = True
+            enter(vm, i, v)
+        elif action == 11 and loaded:  # L1 INVEPT
+            vm, i, v = pick(loaded)
+            if not v.l2:
+                emit(Ev.L1_INVEPT, vm, i, arg=p % 5)
+                enter(vm, i, v)
+        elif action == 12 and loaded:
+            vm, i, v = pick(loaded)
+            emit(Ev.MMU_RESET_CONTEXT, vm, i, arg=p % len(MMU_RESET_REASONS))
+            enter(vm, i, v)
+        elif action == 13 and loaded:
+            vm, i, v = pick(loaded)
+            emit(Ev.GUEST_TLB_FLUSH, vm, i)
+            enter(vm, i, v)
+    return Trace.from_array(np.array(ev, dtype=EVENT_DTYPE), duration_ns=len(ev) + 1)
+
+
+def check_refcounts(host) -> None:
+    """Every cached root is live; refcounts equal the references; no two live roots share a
+    page; no page is both live and free."""
+    live_hpas = []
+    for kvm in host.vms.values():
+        refs: dict[int, int] = {}
+        for v in kvm.vcpus:
+            for mmu in (v.arch.root_mmu, v.arch.guest_mmu):
+                for r in mmu.slots():
+                    if VALID_PAGE(r.hpa) and r.sp is not None:
+                        assert r.sp.id in kvm.roots, f"{v!r} caches freed {r.sp!r}"
+                        refs[r.sp.id] = refs.get(r.sp.id, 0) + 1
+        for sp in kvm.roots.values():
+            own = 1 if sp.tdp_mmu_page and (not sp.invalid or sp.tdp_mmu_scheduled_root_to_zap) else 0
+            assert sp.root_count == refs.get(sp.id, 0) + own, sp
+            live_hpas.append(sp.hpa)
+    assert len(live_hpas) == len(set(live_hpas))
+    free = {hpa for node in host.pool.free for hpa in node}
+    assert not free & set(live_hpas)
+
+
+@SETTINGS
+@given(actions=ACTIONS)
+def test_model_state_stays_consistent(actions):
+    trace = build_trace(actions)
+    for strategy in (Upstream, PerRootCpumask):
+        eng = Engine(TOPO, strategy())
+        for t, kind, vm, vcpu, cpu, arg in trace.to_array().tolist():
+            eng.step(t, kind, vm, vcpu, cpu, arg)
+            check_refcounts(eng.host)
+            for cpu_, v in enumerate(eng.host.in_guest):
+                assert v is None or (v.mode == IN_GUEST_MODE and v.cpu == cpu_)
+
+
+@SETTINGS
+@given(actions=ACTIONS)
+def test_upstream_is_never_stale_on_bare_metal(actions):
+    _, s = simulate(build_trace(actions), TOPO, Upstream())
+    assert s["stale_tlb_uses"] == 0
+
+
+@SETTINGS
+@given(actions=ACTIONS)
+def test_flushing_everything_at_every_entry_is_never_stale(actions, monkeypatch_module):
+    """A strategy made safe by brute force (INVEPT all-context before every VM entry) must never
+    be flagged: the oracle has no false positives."""
+    trace = build_trace(actions)
+    for strategy in (IpiAllOnAlloc, PerRootCpumask, VmEverRanMask):
+        _, s = simulate(trace, TOPO, strategy())
+        assert s["stale_tlb_uses"] == 0
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    original = engine_mod.vcpu_enter_guest
+
+    def flush_then_enter(vcpu):
+        vcpu.kvm.host.invept_global(vcpu.cpu)
+        original(vcpu)
+
+    engine_mod.vcpu_enter_guest = flush_then_enter
+    yield
+    engine_mod.vcpu_enter_guest = original
+
+
+class CountingActiveRoots(ActiveRoots):
+    def __init__(self):
+        super().__init__()
+        self.per_migration: list[int] = []
+
+    def vcpu_migrated(self, vcpu, cpu):
+        before = sum(self.host.metrics.cpu["invept_single"])
+        super().vcpu_migrated(vcpu, cpu)
+        self.per_migration.append(sum(self.host.metrics.cpu["invept_single"]) - before)
+
+
+@SETTINGS
+@given(actions=ACTIONS)
+def test_active_roots_flushes_at_most_8_roots_per_migration(actions):
+    """2 MMUs x (root + 3 prev_roots): never more than 8 single-context INVEPTs."""
+    strategy = CountingActiveRoots()
+    _, s = simulate(build_trace(actions), TOPO, strategy)
+    assert all(0 <= n <= 8 for n in strategy.per_migration)
+    assert len(strategy.per_migration) == s["migrations"]
+
+
+@SETTINGS
+@given(actions=ACTIONS)
+def test_counters_are_consistent(actions):
+    trace = build_trace(actions)
+    for strategy in BARE_METAL:
+        r, s = simulate(trace, TOPO, strategy())
+        assert s["stale_tlb_uses"] == sum(s[f"stale_tlb_uses_h{k}"] for k in range(1, 7))
+        assert s["vmexits_from_ipi"] <= s["ipi_flush"] + s["ipi_vmclear"]
+        assert s["root_frees"] <= s["root_allocs"]
+        assert s["stale_tlb_uses_h6"] == 0  # special roots map nothing
+        assert all((v >= 0).all() for v in r["per_cpu"].values())
+
+
+@SETTINGS
+@given(actions=ACTIONS, strategy=st.sampled_from(BARE_METAL))
+def test_two_shards_equal_one(actions, strategy):
+    trace = build_trace(actions)
+    whole = Engine(TOPO, strategy()).run(trace)
+    parts = merge([Engine(TOPO, strategy(), owned_nodes=[n]).run(trace) for n in (0, 1)])
+    assert parts["vm"] == whole["vm"] and parts["stale_by_kind"] == whole["stale_by_kind"]
+    assert parts["examples"] == whole["examples"]
+    for key, arr in whole["per_cpu"].items():
+        assert np.array_equal(parts["per_cpu"][key], arr), key
+
+
+@SETTINGS
+@given(actions=ACTIONS, strategy=st.sampled_from([*BARE_METAL, HypervFlushHypercall]))
+def test_every_strategy_replays_nested_on_hyperv(actions, strategy):
+    _, s = simulate(build_trace(actions), HYPERV, strategy())
+    assert s["invept_global"] >= 0 and s["events"] == len(build_trace(actions).to_array())
