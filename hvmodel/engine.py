@@ -65,7 +65,7 @@ class Engine:
         self.handlers: dict[int, Callable[[int, int, int, int], None]] = {
             Ev.VM_CREATE: self._vm_create,
             Ev.VM_DESTROY: lambda v, i, c, a: (self._on(c), kvm_destroy_vm(vm(v))),
-            Ev.VCPU_LOAD: lambda v, i, c, a: (self._on(c), kvm_arch_vcpu_load(vc(v, i, "vcpu_load"), c)),
+            Ev.VCPU_LOAD: lambda v, i, c, a: (self._on(c, vcpu_thread=True), kvm_arch_vcpu_load(vc(v, i, "vcpu_load"), c)),
             Ev.VCPU_PUT: lambda v, i, c, a: kvm_arch_vcpu_put(vc(v, i, "vcpu_put")),
             Ev.VM_ENTRY: lambda v, i, c, a: vcpu_enter_guest(vc(v, i, "vm_entry")),
             Ev.VM_EXIT: lambda v, i, c, a: self._in_vcpu(vc(v, i, "vm_exit"), "vm_exit", vcpu_leave_guest),
@@ -83,10 +83,14 @@ class Engine:
         }
 
     # --- helpers ----------------------------------------------------------------------
-    def _on(self, cpu: int) -> None:
-        """The host code of this event runs on `cpu` (smp_processor_id())."""
+    def _on(self, cpu: int, vcpu_thread: bool = False) -> None:
+        """The host code of this event runs on `cpu` (smp_processor_id()). A VMM or kernel thread
+        cannot run where a vCPU is in guest mode; a vCPU thread being scheduled in is checked
+        by kvm_arch_vcpu_load()."""
         if not 0 <= cpu < self.host.topo.nr_cpus:
             raise TraceError(f"pcpu {cpu} does not exist (host has {self.host.topo.nr_cpus} CPUs)")
+        if not vcpu_thread and self.host.in_guest[cpu] is not None:
+            raise TraceError(f"pcpu {cpu} is in guest mode ({self.host.in_guest[cpu]!r}); host code cannot run there")
         self.host.this_cpu = cpu
 
     def _vm(self, vm: int):

@@ -203,6 +203,12 @@ class Host:
         self.metrics.cpu_f["flush_overhead_us"][cpu] += self.cost.refill_us * len(tlb)
         tlb.clear()
 
+    def vmcs_load_new_cpu(self, cpu: int) -> None:
+        """A VMCS became active on `cpu` (VMPTRLD, host-state VMWRITEs): a migration."""
+        if self.owned[cpu]:
+            self.metrics.cpu["migrations"][cpu] += 1
+            self.charge(cpu, self.cost.vmcs_migrate_us)
+
     def invvpid(self, cpu: int) -> None:
         """INVVPID: removes linear/combined mappings only, never guest-physical ones."""
         if self.owned[cpu]:

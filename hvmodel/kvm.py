@@ -18,7 +18,7 @@ from hvmodel.kvm_host import (
     OUTSIDE_GUEST_MODE,
     VALID_PAGE,
 )
-from hvmodel.kvm_main import kvm_make_request
+from hvmodel.kvm_main import hv_track_root_tdp, kvm_make_request
 from hvmodel.mmu import (
     KvmMmu,
     kvm_calc_tdp_mmu_root_page_role,
@@ -34,11 +34,11 @@ from hvmodel.trace import TraceError
 from hvmodel.vmx import (
     LoadedVmcs,
     handle_invept,
+    kvm_service_local_tlb_flush_requests,
     loaded_vmcs_clear,
     nested_vmx_enter_non_root_mode,
     nested_vmx_vmexit,
     vmx_flush_tlb_all,
-    vmx_flush_tlb_guest,
     vmx_vcpu_load_vmcs,
 )
 
@@ -78,11 +78,11 @@ class KvmVcpu:
         "vpid",
         "vpid02",
         "last_vpid12",
-        "l2",
         "nested_eptp12",
         "nested_eptp12_backed",
         "hv_root_tdp",
         "loaded",
+        "nested_vmxon",
     )
 
     def __init__(self, kvm: Kvm, idx: int):
@@ -98,8 +98,8 @@ class KvmVcpu:
         self.loaded_vmcs = self.vmcs01
         self.vpid = kvm.host.vpids.allocate_vpid(kvm.host)
         self.vpid02 = 0
+        self.nested_vmxon = False  # L1 has executed VMXON (vpid02 allocated, or not available)
         self.last_vpid12 = 0
-        self.l2 = 0
         self.nested_eptp12, self.nested_eptp12_backed = 0, True
         self.hv_root_tdp = INVALID_PAGE  # hv_track_root_tdp()
         self.arch.root_mmu.root_role = kvm_calc_tdp_mmu_root_page_role(self)
@@ -117,6 +117,7 @@ class Kvm:
         self.tdp_mmu_roots: list = []
         self.mmu_page_hash: dict = {}  # (gfn, role) -> shadow page
         self.mmu_valid_gen = 0
+        self.hv_root_tdp = INVALID_PAGE  # kvm->arch.hv_root_tdp: the common root, if any
         self.vcpus = [KvmVcpu(self, i) for i in range(nr_vcpus)]
 
 
@@ -182,13 +183,6 @@ def _require_loaded(vcpu: KvmVcpu, what: str) -> None:
 
 
 # --- entering the guest ---------------------------------------------------------------------
-def kvm_service_local_tlb_flush_requests(vcpu: KvmVcpu) -> None:
-    if vcpu.requests & KVM_REQ_TLB_FLUSH_CURRENT:
-        vcpu.kvm.host.strategy.flush_tlb_current(vcpu)
-    if vcpu.requests & KVM_REQ_TLB_FLUSH_GUEST:
-        vmx_flush_tlb_guest(vcpu)
-
-
 def vcpu_enter_guest(vcpu: KvmVcpu) -> None:
     """Service requests in kernel order, kvm_mmu_reload(), then enter: the oracle checks the
     pCPU's cached translations for the active EP4TA before the guest can use them."""
@@ -206,7 +200,7 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> None:
     mmu = vcpu.arch.mmu
     if not VALID_PAGE(mmu.root.hpa):  # kvm_mmu_reload()
         kvm_mmu_load(vcpu)
-    vcpu.hv_root_tdp = mmu.root.hpa  # vmx_load_mmu_pgd() -> hv_track_root_tdp()
+    hv_track_root_tdp(vcpu, mmu.root.hpa)  # vmx_load_mmu_pgd()
     host.tlb_enter(vcpu.cpu, vcpu, mmu.root)
     vcpu.mode = IN_GUEST_MODE
     host.in_guest[vcpu.cpu] = vcpu

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hvmodel.kvm_host import IN_GUEST_MODE, KVM_REQ_TLB_FLUSH, VALID_PAGE
+from hvmodel.kvm_host import IN_GUEST_MODE, INVALID_PAGE, KVM_REQ_TLB_FLUSH, VALID_PAGE
 
 if TYPE_CHECKING:
     from hvmodel.kvm import Kvm, KvmVcpu
@@ -48,14 +48,32 @@ def kvm_arch_flush_remote_tlbs(kvm: Kvm) -> None:
         kvm_make_all_cpus_request(kvm, KVM_REQ_TLB_FLUSH)
 
 
-def hv_flush_remote_tlbs(kvm: Kvm) -> None:
-    """One HvCallFlushGuestPhysicalAddressSpace per distinct vcpu->arch.hv_root_tdp.
+def hv_track_root_tdp(vcpu: KvmVcpu, root_hpa: int) -> None:
+    """vmx_load_mmu_pgd(): remember the root this vCPU runs on; a VM-wide common root stays
+    cached only while every vCPU loads that same root."""
+    kvm = vcpu.kvm
+    vcpu.hv_root_tdp = root_hpa
+    if root_hpa != kvm.hv_root_tdp:
+        kvm.hv_root_tdp = INVALID_PAGE
 
-    hv_track_root_tdp() records the root a vCPU last loaded into EPT_POINTER; roots cached
-    only in prev_roots are not flushed here (as in arch/x86/kvm/kvm_onhyperv.c).
-    """
+
+def hv_flush_remote_tlbs(kvm: Kvm) -> None:
+    """HvCallFlushGuestPhysicalAddressSpace for the cached common root, or else for each
+    vCPU's hv_root_tdp in vCPU order, skipping only repeats of the first one (as
+    arch/x86/kvm/kvm_onhyperv.c does). Roots a vCPU holds only in prev_roots are not flushed."""
     host = kvm.host
-    roots = sorted({v.hv_root_tdp for v in kvm.vcpus if VALID_PAGE(v.hv_root_tdp)})
+    if VALID_PAGE(kvm.hv_root_tdp):
+        roots = [kvm.hv_root_tdp]
+    else:
+        roots = []
+        for vcpu in kvm.vcpus:
+            root = vcpu.hv_root_tdp
+            if VALID_PAGE(root) and root != kvm.hv_root_tdp:
+                if not roots:
+                    kvm.hv_root_tdp = root
+                roots.append(root)
+        if len(roots) > 1:
+            kvm.hv_root_tdp = INVALID_PAGE
     host.oracle.note_remote_flush(kvm, set(roots))
     for hpa in roots:
         host.hv_flush_guest_physical_address_space(host.this_cpu, hpa)

@@ -52,7 +52,6 @@ REPLICATED = (
 # Oracle hazard kinds (kvm-flush-semantics.md §6), in classification order.
 HAZARDS = {
     "h1": "EP4TA reuse: the tag belongs to a freed root whose page was reallocated",
-    "h6": "special root (no shadow page)",
     "h4": "a remote flush never reached this entry (no vCPU of the VM loaded here, or a root the Hyper-V hypercall skipped)",
     "h3": "previous-root reuse: fast_pgd_switch to a cached root without a flush",
     "h5": "guest_mmu (shadow-EPT) root not flushed",

@@ -210,7 +210,7 @@ def kvm_mmu_load(vcpu: KvmVcpu) -> None:
     else:
         mmu.root = mmu_alloc_shadow_roots(vcpu)
     mmu.root_via_fast_switch = False
-    vcpu.kvm.host.strategy.flush_tlb_current(vcpu)
+    vcpu.kvm.host.strategy.kvm_mmu_load_flush(vcpu)
 
 
 # --- freeing ------------------------------------------------------------------------------
@@ -257,7 +257,9 @@ def kvm_mmu_unload(vcpu: KvmVcpu) -> None:
 
 
 def is_obsolete_root(kvm: Kvm, root: KvmMmuRootInfo) -> bool:
-    return root.sp is not None and is_obsolete_sp(kvm, root.sp)
+    """Roots without a shadow page (the dummy root) are always treated as obsolete: a memslot
+    change may have made their gfn visible."""
+    return root.sp is None or is_obsolete_sp(kvm, root.sp)
 
 
 def kvm_mmu_free_obsolete_roots(vcpu: KvmVcpu) -> None:
@@ -341,16 +343,18 @@ def kvm_tdp_mmu_invalidate_roots(kvm: Kvm) -> None:
 
 
 def kvm_zap_obsolete_pages(kvm: Kvm) -> None:
-    """Zap obsolete shadow pages: unused ones now, roots in use once their root_count drops."""
+    """Zap obsolete shadow pages: unused roots now, roots in use once their root_count drops.
+    A shadow root always has child pages (not modelled one by one) that are zapped now, so any
+    obsolete shadow page means a non-empty invalid list: kvm_mmu_commit_zap_page() flushes."""
     zapped = False
     for key, sp in list(kvm.mmu_page_hash.items()):
         if not is_obsolete_sp(kvm, sp):
             continue
         del kvm.mmu_page_hash[key]
         sp.invalid = True
+        zapped = True
         if sp.root_count == 0:
             kvm_mmu_free_page(kvm, sp)
-            zapped = True
     if zapped:
         kvm_flush_remote_tlbs(kvm)
 

@@ -6,14 +6,19 @@ page was freed and reused: H1) or to an older epoch of this root (its SPTEs were
 Each stale use is counted and classified by the first rule that matches (metrics.HAZARDS):
 
   h1  the cached tag belongs to a different root (EP4TA reuse)
-  h6  the active root has no shadow page (special root); with EPT the only special root is the
-      dummy root, which maps nothing, so this is a guard that the model never installs one
   h4  a remote flush could not reach this entry: on bare metal, none of the VM's vCPUs had a
       VMCS loaded on this pCPU, so no request or IPI could clean it; nested on Hyper-V, the
       hypercall flushed only the vCPUs' last-loaded roots, not this one
   h3  the active root came from prev_roots via fast_pgd_switch() since the last load/migration
   h5  the active root is a guest_mmu (shadow-EPT) root
   h2  anything else: a migration flush was missing
+
+Special roots (hazard H6 of kvm-flush-semantics.md) never get a kind: with EPT the only root
+without a shadow page is the dummy root (the zero page), which maps nothing, so it can never
+hold a translation; what H6 costs is the flushing strategies must still do (INVEPT counts).
+
+Each VM entry that finds stale translations counts once; stale entries stay until an INVEPT
+removes them, so a pCPU left stale is counted again at every later entry on that root.
 
 No strategy is named here: which strategies are safe is whatever this finds on the trace.
 """
@@ -34,8 +39,6 @@ class Oracle:
     def classify(self, vcpu: KvmVcpu, root, entry: TlbEntry) -> str:
         if entry.sp is not root.sp:
             return "h1"
-        if root.sp is None:
-            return "h6"
         if entry.missed:
             return "h4"
         mmu = vcpu.arch.mmu

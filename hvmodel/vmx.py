@@ -6,13 +6,16 @@ vCPU that moves while in L1 is "migrated" again for vmcs02 at its next nested VM
 
 from __future__ import annotations
 
+import heapq
 from typing import TYPE_CHECKING
 
 from hvmodel.kvm_host import (
+    DUMMY_ROOT_HPA,
     KVM_MMU_NUM_PREV_ROOTS,
     KVM_MMU_ROOT_CURRENT,
     KVM_MMU_ROOT_PREVIOUS,
     KVM_MMU_ROOTS_ALL,
+    KVM_REQ_TLB_FLUSH_CURRENT,
     KVM_REQ_TLB_FLUSH_GUEST,
     VALID_PAGE,
     VMX_NR_VPIDS,
@@ -31,18 +34,18 @@ if TYPE_CHECKING:
 
 
 class VpidBitmap:
-    """vmx_vpid_bitmap: 16-bit VPIDs, 0 reserved ("no VPID"). On exhaustion allocate_vpid()
-    returns 0 and the vCPU runs without a VPID (hardware then flushes linear and combined
-    mappings on every VM entry and exit)."""
+    """vmx_vpid_bitmap: 16-bit VPIDs, 0 reserved ("no VPID"); allocate_vpid() takes the lowest
+    free one (find_first_zero_bit). On exhaustion it returns 0 and the vCPU runs without a
+    VPID (hardware then flushes linear and combined mappings on every VM entry and exit)."""
 
     def __init__(self, nr: int = VMX_NR_VPIDS):
         self.nr = nr
-        self.free: list[int] = []
+        self.free: list[int] = []  # heap of freed VPIDs, all below `next`
         self.next = 1
 
     def allocate_vpid(self, host: Host) -> int:
         if self.free:
-            return self.free.pop()
+            return heapq.heappop(self.free)
         if self.next < self.nr:
             self.next += 1
             return self.next - 1
@@ -51,7 +54,7 @@ class VpidBitmap:
 
     def free_vpid(self, vpid: int) -> None:
         if vpid:
-            self.free.append(vpid)
+            heapq.heappush(self.free, vpid)
 
 
 class LoadedVmcs:
@@ -83,9 +86,7 @@ def vmx_vcpu_load_vmcs(vcpu: KvmVcpu, cpu: int) -> None:
         return
     loaded_vmcs_clear(host, vmcs)
     vmcs.cpu = cpu
-    if host.owned[cpu]:
-        host.metrics.cpu["migrations"][cpu] += 1
-        host.charge(cpu, host.cost.vmcs_migrate_us)
+    host.vmcs_load_new_cpu(cpu)
     vcpu.arch.root_mmu.root_via_fast_switch = False
     vcpu.arch.guest_mmu.root_via_fast_switch = False
     host.strategy.vcpu_migrated(vcpu, cpu)
@@ -100,12 +101,12 @@ def vmx_switch_vmcs(vcpu: KvmVcpu, vmcs: LoadedVmcs) -> None:
 
 # --- flush handlers -----------------------------------------------------------------------
 def vmx_flush_tlb_ept_root(host: Host, cpu: int, root) -> None:
-    """INVEPT single-context on root.hpa; with no shadow page (special root) construct_eptp()
-    returns INVALID_PAGE and KVM falls back to ept_sync_global() (6.19, patch 3/5)."""
-    if root.sp is None:
-        host.invept_global(cpu)
-    else:
-        host.invept_single(cpu, root.hpa)
+    """INVEPT single-context on root.hpa. construct_eptp() takes level and A/D bits from the
+    root's shadow page; the dummy root, which has none, gets hpa|WB|PWL4
+    (kvm_mmu_is_dummy_root()), so it too is flushed single-context. With EPT the dummy root is
+    the only root without a shadow page, so the ept_sync_global() fallback is unreachable."""
+    assert root.sp is not None or root.hpa == DUMMY_ROOT_HPA, root
+    host.invept_single(cpu, root.hpa)
 
 
 def vmx_flush_tlb_current(vcpu: KvmVcpu) -> None:
@@ -126,6 +127,16 @@ def vmx_flush_tlb_guest(vcpu: KvmVcpu) -> None:
         vcpu.kvm.host.invvpid(vcpu.cpu)
 
 
+def kvm_service_local_tlb_flush_requests(vcpu: KvmVcpu) -> None:
+    """x86.c: KVM_REQ_TLB_FLUSH_CURRENT and KVM_REQ_TLB_FLUSH_GUEST, for the current context.
+    (Here rather than in kvm.py because nested.c calls it too.)"""
+    if vcpu.requests & KVM_REQ_TLB_FLUSH_CURRENT:
+        vcpu.kvm.host.strategy.flush_tlb_current(vcpu)
+    if vcpu.requests & KVM_REQ_TLB_FLUSH_GUEST:
+        vmx_flush_tlb_guest(vcpu)
+    vcpu.requests &= ~(KVM_REQ_TLB_FLUSH_CURRENT | KVM_REQ_TLB_FLUSH_GUEST)
+
+
 # --- nested VMX ---------------------------------------------------------------------------
 def nested_vmx_transition_tlb_flush(vcpu: KvmVcpu, vpid12: int) -> None:
     """On VM-enter. L1 enables VPID for its L2s (vpid12 = the L2's id): with EPT on, L1 and L2
@@ -140,11 +151,12 @@ def nested_vmx_enter_non_root_mode(vcpu: KvmVcpu, l2: int, nested_ept: bool, ept
     """VMLAUNCH/VMRESUME from L1: vmcs02 becomes current (its own migration check), then the
     MMU switches: guest_mmu on EPTP12 for nested EPT, else root_mmu with guest_mode=1."""
     host = vcpu.kvm.host
-    if not vcpu.vpid02:
+    if not vcpu.nested_vmxon:  # enter_vmx_operation(): vpid02 once, at L1's first VMXON
+        vcpu.nested_vmxon = True
         vcpu.vpid02 = host.vpids.allocate_vpid(host)
+    kvm_service_local_tlb_flush_requests(vcpu)  # pending flushes belong to L1's context
     vmx_switch_vmcs(vcpu, vcpu.vmcs02)
     vcpu.guest_mode = True
-    vcpu.l2 = l2
     if nested_ept:  # nested_ept_init_mmu_context + kvm_init_shadow_ept_mmu
         vcpu.arch.mmu = vcpu.arch.guest_mmu
         vcpu.arch.guest_mmu.root_role = kvm_calc_shadow_ept_root_page_role(vcpu)
@@ -159,9 +171,9 @@ def nested_vmx_enter_non_root_mode(vcpu: KvmVcpu, l2: int, nested_ept: bool, ept
 def nested_vmx_vmexit(vcpu: KvmVcpu) -> None:
     """Back to L1: vmcs01 (its own migration check) and root_mmu with guest_mode = 0, reached
     through kvm_mmu_new_pgd(): the L1 root comes back from the cache without a flush."""
+    kvm_service_local_tlb_flush_requests(vcpu)  # pending flushes belong to L2's context
     vmx_switch_vmcs(vcpu, vcpu.vmcs01)
     vcpu.guest_mode = False
-    vcpu.l2 = 0
     vcpu.arch.mmu = vcpu.arch.root_mmu
     vcpu.arch.root_mmu.root_role = kvm_calc_tdp_mmu_root_page_role(vcpu)
     kvm_mmu_new_pgd(vcpu, 0)

@@ -210,6 +210,7 @@ class _VmFleet(Workload):
         if what == "memslot":
             sim.emit(t, Ev.MEMSLOT_DELETE, vm.id, pcpu=vm.hk)
         elif vm.running[0]:
+            self.leave_l2(t, sim, vm, 0)
             for kind in (Ev.SMM_ENTER, Ev.VM_ENTRY, Ev.SMM_EXIT, Ev.VM_ENTRY):
                 sim.emit(t, kind, vm.id, 0)
 
@@ -252,6 +253,9 @@ class _VmFleet(Workload):
 
     def vcpus_running(self, t: int, sim: _Sim, vm: _Vm) -> None:
         """All vCPUs are up: start their run/halt behaviour."""
+
+    def leave_l2(self, t: int, sim: _Sim, vm: _Vm, i: int) -> None:
+        """Before a firmware reboot step: the vCPU returns to L1 if it was running an L2."""
 
     def replace(self, t: int, sim: _Sim, vm: _Vm, slot) -> None:
         raise NotImplementedError
@@ -389,12 +393,17 @@ class Overcommit(_VmFleet):
 
     def check(self, topo: Topology) -> None:
         if not self.pool(_Host(topo)):
-            raise ConfigError("workload.cpuset", f"host {topo.name or topo.nr_cpus} has no {self.cpuset} CPUs")
+            raise ConfigError(
+                "workload.cpuset", f"host {topo.name or topo.nr_cpus} has no {self.cpuset} CPUs besides the VMM CPUs"
+            )
 
     def pool(self, host: _Host) -> list[int]:
+        """The cpuset, minus each node's VMM CPU (it runs the VMM and kernel threads that
+        issue zaps and memslot changes, so no vCPU may be in guest mode there)."""
         iso = [c for cpus in host.isolated for c in cpus]
         hk = [c for cpus in host.housekeeping for c in cpus]
-        return {"isolated": iso, "housekeeping": hk, "all": sorted(iso + hk)}[self.cpuset]
+        cpus = {"isolated": iso, "housekeeping": hk, "all": iso + hk}[self.cpuset]
+        return sorted(set(cpus) - set(host.vmm_cpu))
 
     def start(self, sim: _Sim, host: _Host) -> None:
         self.start_on(sim, host, self.pool(host), first_vm=1)
@@ -455,12 +464,15 @@ class Overcommit(_VmFleet):
                 return
         self.idle.add(cpu)
 
+    def leave_l2(self, t, sim, vm, i):
+        if self.l1.pop((vm.id, i), None):
+            sim.emit(t, Ev.NESTED_VMEXIT, vm.id, i)
+
     def stop_vcpu(self, t, sim, vm, i):
         if (vm, i) in self.queue:
             self.queue.remove((vm, i))
         if vm.running[i]:
-            if self.l1.pop((vm.id, i), None):
-                sim.emit(t, Ev.NESTED_VMEXIT, vm.id, i)
+            self.leave_l2(t, sim, vm, i)
             vm.running[i] = False
             sim.emit(t, Ev.VCPU_PUT, vm.id, i)
             self.release(t, sim, vm.cpus[i])
@@ -508,6 +520,7 @@ class Overcommit(_VmFleet):
                 if sim.rng.random() < ng.invept_prob:
                     sim.emit(t, Ev.L1_INVEPT, vm.id, i, arg=l2 if ng.nested_ept else 0)
                 if ng.nested_ept and sim.rng.random() < ng.ept12_write_prob:
+                    sim.emit(t, Ev.VM_EXIT, vm.id, i)  # L1's write to EPT12 traps
                     sim.emit(t, Ev.ZAP, vm.id, pcpu=vm.cpus[i], arg=l2)
                 sim.emit(t, Ev.NESTED_VMENTER, vm.id, i, arg=pack_nested_vmenter(l2, ng.nested_ept))
                 sim.emit(t, Ev.VM_ENTRY, vm.id, i)
@@ -535,14 +548,18 @@ class RtMixed(Workload):
 
     def check(self, topo: Topology) -> None:
         self.rt.check(topo)
-        if not any(_Host(topo).housekeeping) and self.rt.fill == 1:
-            raise ConfigError("workload.rt.fill", "leaves no CPU for the best-effort VMs (no housekeeping CPUs either)")
+        host = _Host(topo)
+        spare = sum(len(h) for h in host.housekeeping) - len(set(host.vmm_cpu))
+        if spare <= 0 and self.rt.fill == 1:
+            raise ConfigError(
+                "workload.rt.fill", "leaves no CPU for the best-effort VMs: lower rt.fill or raise host.housekeeping_per_node"
+            )
 
     def start(self, sim: _Sim, host: _Host) -> None:
         parts = self.rt.partitions(sim, host)
         self.rt.start_partitions(sim, host, parts)
-        pinned = {c for _, cpus in parts for c in cpus}
-        free = [c for c in range(host.topo.nr_cpus) if c not in pinned]
+        taken = {c for _, cpus in parts for c in cpus} | set(host.vmm_cpu)
+        free = [c for c in range(host.topo.nr_cpus) if c not in taken]
         self.best_effort.start_on(sim, host, free, first_vm=BEST_EFFORT_VM_BASE)
 
 

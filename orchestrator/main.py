@@ -90,6 +90,7 @@ def run(cfg: DictConfig) -> dict:
         summary["events_per_s"] = summary["events"] / wall if wall > 0 else 0.0
         summary["shards"] = len(result["shards"])
         write_artifacts(out, summary, result, scenario, run_name)
+        job.set_tags({"ray_nodes": ",".join(str(s["node_id"]) for s in result["shards"])})
         job.log_metrics(summary)
         job.log_artifacts(out, "run")
     print(report.stale_verdict(summary, result["examples"], scenario.strategy.name))

@@ -17,6 +17,7 @@ import copy
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from hvmodel.engine import Engine
@@ -180,8 +181,14 @@ def run_shards(scenario: Scenario, cluster, shards: int, progress: Progress | No
     plan = shard_plan(scenario.topo.numa_nodes, shards)
     ref = ray.put(scenario)
     actor_cls = ray.remote(num_cpus=cluster.cpus_per_shard, max_restarts=0)(ShardRunner)
-    actors = [actor_cls.options(scheduling_strategy="SPREAD").remote(ref, nodes) for nodes in plan]
+    job = uuid.uuid4().hex[:8]
     attempts = [0] * len(plan)
+
+    def start(i: int):  # named, so that operators (and tests) can find a shard's actor
+        name = f"hvbench-{job}-shard{i}-try{attempts[i]}"
+        return actor_cls.options(name=name, scheduling_strategy="SPREAD").remote(ref, plan[i])
+
+    actors = [start(i) for i in range(len(plan))]
     pending = {a.advance.remote(): i for i, a in enumerate(actors)}
     results: list[dict | None] = [None] * len(plan)
     while pending:
@@ -191,6 +198,7 @@ def run_shards(scenario: Scenario, cluster, shards: int, progress: Progress | No
             info = ray.get(ready[0])
             if info["done"]:
                 results[i] = ray.get(actors[i].result.remote())
+                ray.kill(actors[i])  # frees its CPU for shards still waiting to be placed
             else:
                 pending[actors[i].advance.remote()] = i
         except ray.exceptions.RayTaskError as e:
@@ -207,13 +215,11 @@ def run_shards(scenario: Scenario, cluster, shards: int, progress: Progress | No
                 f"[hvbench] shard {i} lost its actor ({type(e).__name__}); retry {attempts[i]}/{cluster.max_retries}",
                 file=sys.stderr,
             )
-            actors[i] = actor_cls.options(scheduling_strategy="SPREAD").remote(ref, plan[i])
+            actors[i] = start(i)
             pending[actors[i].advance.remote()] = i
             info = {"events": 0, "sim_ns": 0, "done": False}
         if progress is not None:
             progress.update(i, info, force=not pending)
-    for a in actors:
-        ray.kill(a)
     merged = merge(results, scenario.max_examples)
     merged["duration_ns"] = results[0]["duration_ns"]
     merged["shards"] = [{"nodes": plan[i], "wall_s": r["wall_s"], "node_id": r["node_id"]} for i, r in enumerate(results)]

@@ -3,7 +3,9 @@ dropped in aJE9x_pjBVIdiEJN after Vitaly's RT objection, 87tt2nm6ie.fsf@redhat.c
 
 When a root is allocated (a fresh TDP root, or a shadow page whose root_count goes 0 -> 1),
 on_each_cpu(kvm_flush_tlb_root): an IPI to every other online CPU and a single-context INVEPT
-on each, so that nothing needs flushing on migration. Remote flushes are unchanged.
+on each (and locally). The sketch deletes the flush at the end of kvm_mmu_load() ("flushing
+TLBs on all CPUs allows KVM to elide TLB flushes when a vCPU is migrated"), and the migration
+flush is elided. Remote flushes are unchanged.
 """
 
 from hvmodel.strategies.base import KernelDefaults
@@ -15,7 +17,15 @@ class IpiAllOnAlloc(KernelDefaults):
     def vcpu_migrated(self, vcpu, cpu):
         pass
 
+    def kvm_mmu_load_flush(self, vcpu):
+        pass  # moved to allocation
+
     def root_allocated(self, vcpu, sp):
+        self.flush_root_on(vcpu.cpu, self.host.online_cpus, sp)
+
+    def flush_root_on(self, this_cpu, cpus, sp):
+        """on_each_cpu()/on_each_cpu_mask(): run locally if this CPU is in the set, IPI the rest."""
         host = self.host
-        host.invept_single(vcpu.cpu, sp.hpa)  # on_each_cpu runs the function locally too
-        host.send_ipis(vcpu.cpu, host.online_cpus, "ipi_flush", lambda cpu: host.invept_single(cpu, sp.hpa))
+        if this_cpu in cpus:
+            host.invept_single(this_cpu, sp.hpa)
+        host.send_ipis(this_cpu, cpus, "ipi_flush", lambda cpu: host.invept_single(cpu, sp.hpa))

@@ -1,15 +1,17 @@
 """C — per-VM mask of pCPUs the VM has ever run on (Vitaly Kuznetsov, 87tt2nm6ie.fsf@redhat.com,
-Aug 2025), complementing B for huge partitioned / RT hosts.
+Aug 2025), proposed to complement B on huge partitioned / RT hosts.
 
-On root allocation, IPI only the VM's ever-ran mask (INVEPT single there) instead of every CPU.
-When a vCPU lands on a pCPU that is not yet in the mask: add it and flush, on that pCPU, every
-valid root of the VM (single-context). Remote flushes are unchanged. Memory: one cpumask per VM.
+B with the broadcast scoped: on root allocation, flush the root only on the VM's ever-ran mask
+(IPIs to the other pCPUs in it). When a vCPU lands on a pCPU not yet in the mask: add it and
+flush, on that pCPU, every valid root of the VM (single-context). As in B, the flush at the end
+of kvm_mmu_load() is gone [inferred: C only changes B's scope]. Remote flushes are unchanged.
+Memory: one cpumask per VM.
 """
 
-from hvmodel.strategies.base import KernelDefaults
+from hvmodel.strategies.ipi_all_on_alloc import IpiAllOnAlloc
 
 
-class VmEverRanMask(KernelDefaults):
+class VmEverRanMask(IpiAllOnAlloc):
     name = "vm_ever_ran_mask"
 
     def __init__(self, mask_sizing: str = "nr_cpu_ids"):
@@ -34,8 +36,4 @@ class VmEverRanMask(KernelDefaults):
                 self.host.invept_single(cpu, sp.hpa)
 
     def root_allocated(self, vcpu, sp):
-        host = self.host
-        mask = self.ever_ran[vcpu.kvm.id]
-        if vcpu.cpu in mask:
-            host.invept_single(vcpu.cpu, sp.hpa)
-        host.send_ipis(vcpu.cpu, mask, "ipi_flush", lambda cpu: host.invept_single(cpu, sp.hpa))
+        self.flush_root_on(vcpu.cpu, self.ever_ran[vcpu.kvm.id], sp)
