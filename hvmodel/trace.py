@@ -99,10 +99,21 @@ TEXT_FIELDS: dict[Ev, tuple[tuple[str, ...], dict[str, object]]] = {
 }
 
 
-def _int_field(obj: dict, name: str, lineno: int, lo: int = 0) -> int:
+KVM_MAX_VCPUS = 4096  # with MAXSMP
+L2_MAX = (1 << 32) - 1
+
+
+def _int_field(obj: dict, name: str, lineno: int, lo: int = 0, hi: int = (1 << 31) - 1) -> int:
     v = obj[name]
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise TraceError(f"line {lineno}: field '{name}' must be an integer >= {lo}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise TraceError(f"line {lineno}: field '{name}' must be an integer in {lo}..{hi}, got {v!r}")
+    return v
+
+
+def _bool_field(obj: dict, name: str, lineno: int) -> bool:
+    v = obj[name]
+    if not isinstance(v, bool):
+        raise TraceError(f"line {lineno}: field '{name}' must be true or false, got {v!r}")
     return v
 
 
@@ -130,11 +141,12 @@ def event_from_json(obj: dict, lineno: int) -> tuple:
         level = _int_field(f, "tdp_level", lineno)
         if level not in (4, 5):
             raise TraceError(f"line {lineno}: vm_create: tdp_level must be 4 or 5, got {level}")
-        arg = pack_vm_create(_int_field(f, "vcpus", lineno, 1), level, _int_field(f, "node", lineno))
+        arg = pack_vm_create(_int_field(f, "vcpus", lineno, 1, KVM_MAX_VCPUS), level, _int_field(f, "node", lineno, 0, 1023))
     elif kind in (Ev.ZAP, Ev.L1_INVEPT):
-        arg = _int_field(f, "eptp12", lineno)
+        arg = _int_field(f, "eptp12", lineno, 0, L2_MAX)
     elif kind == Ev.NESTED_VMENTER:
-        arg = pack_nested_vmenter(_int_field(f, "l2", lineno, 1), bool(f["nested_ept"]), bool(f["eptp_backed"]))
+        l2 = _int_field(f, "l2", lineno, 1, L2_MAX)
+        arg = pack_nested_vmenter(l2, _bool_field(f, "nested_ept", lineno), _bool_field(f, "eptp_backed", lineno))
     elif kind == Ev.MMU_RESET_CONTEXT:
         if f["reason"] not in MMU_RESET_REASONS:
             raise TraceError(f"line {lineno}: mmu_reset_context: reason must be one of {', '.join(MMU_RESET_REASONS)}")

@@ -13,6 +13,7 @@ all-context at the next entry); kvm_mmu_load() does one INVEPT single-context on
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -685,7 +686,10 @@ GOOD = json.dumps(ev(0, "vm_create", vcpus=1))
         ('{"t_ns": 0, "event": "vm_exit", "vm": 1, "vcpu": 0}', "line 4: t_ns 0 goes back in time (previous 10)"),
         ('{"t_ns": 5, "event": "vm_exit", "vm": 1, "vcpu": 0,}', "line 4: not valid JSON ("),
         ('{"t_ns": 5, "event": "vm_exit", "vm": 1, "vcpu": 0, "pcpu": 1}', "line 4: vm_exit: unknown field 'pcpu'"),
-        ('{"t_ns": 5, "event": "vm_exit", "vm": 1, "vcpu": -1}', "line 4: field 'vcpu' must be an integer >= 0, got -1"),
+        (
+            '{"t_ns": 5, "event": "vm_exit", "vm": 1, "vcpu": -1}',
+            "line 4: field 'vcpu' must be an integer in 0..2147483647, got -1",
+        ),
     ],
 )
 def test_load_text_errors_name_the_line(tmp_path, bad, message):
@@ -876,3 +880,26 @@ def test_hyperv_hypercall_strategy_needs_hyperv_host():
     strategy = HypervFlushHypercall()
     engine = Engine(host(4, env="hyperv"), strategy)
     assert strategy.host is engine.host
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        (
+            '{"t_ns": 5, "event": "nested_vmenter", "vm": 1, "vcpu": 0, "l2": 3, "nested_ept": "false"}',
+            "field 'nested_ept' must be true or false",
+        ),
+        ('{"t_ns": 5, "event": "vm_create", "vm": 2, "vcpus": 70000}', "field 'vcpus' must be an integer in 1..4096"),
+        (
+            '{"t_ns": 5, "event": "nested_vmenter", "vm": 1, "vcpu": 0, "l2": 4294967296}',
+            "field 'l2' must be an integer in 1..4294967295",
+        ),
+    ],
+)
+def test_fields_that_would_not_fit_the_binary_form_are_rejected(tmp_path, line, message):
+    """Booleans must be JSON booleans (the string "false" is not false), and packed fields must
+    fit their bits in `arg` instead of silently wrapping."""
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"t_ns": 0, "event": "vm_create", "vm": 1, "vcpus": 1}\n' + line + "\n")
+    with pytest.raises(TraceError, match="^line 2: " + re.escape(message)):
+        load_text(path)
