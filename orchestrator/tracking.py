@@ -130,7 +130,10 @@ def git_commit(repo: Path) -> str:
 def load_runs(tracking_uri: str | None, experiment: str | None) -> tuple[str, list[dict]]:
     """Finished runs of an experiment (the most recently created one if None), as flat dicts
     with the tags strategy/host/workload/seed and every metric."""
-    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise LookupError(f"no MLflow store at {uri.removeprefix('sqlite:///')} (run hvbench here first, or pass --tracking-uri)")
+    client = MlflowClient(tracking_uri=uri)
     if experiment is None:
         exps = [e for e in client.search_experiments(order_by=["creation_time DESC"]) if e.name != "Default"]
         if not exps:
