@@ -24,7 +24,7 @@ import numpy as np
 
 from hvmodel.cost import CostModel
 from hvmodel.errors import ConfigError
-from hvmodel.kvm_host import OUTSIDE_GUEST_MODE
+from hvmodel.kvm_host import IN_GUEST_MODE, OUTSIDE_GUEST_MODE
 from hvmodel.metrics import Metrics, NoiseBudget
 from hvmodel.mmu import PagePool
 from hvmodel.oracle import Oracle
@@ -86,8 +86,11 @@ class Topology:
             raise ConfigError("host.nr_cpus", f"{self.nr_cpus} CPUs do not split into {self.numa_nodes} nodes x smt {self.smt}")
         if not 0 <= self.housekeeping_per_node <= self.cores_per_node:
             raise ConfigError("host.housekeeping_per_node", f"must be in 0..{self.cores_per_node}")
-        if self.isolcpus is not None:
-            parse_cpulist(self.isolcpus, self.nr_cpus)
+        if self.rt_mask().all():
+            raise ConfigError(
+                "host.isolcpus" if self.isolcpus is not None else "host.housekeeping_per_node",
+                "at least one CPU must stay housekeeping (the kernel and VMM threads run there)",
+            )
 
     @property
     def cores(self) -> int:
@@ -156,6 +159,10 @@ class Host:
         self.tlb: list[dict[int, TlbEntry]] = [{} for _ in range(n)]
         self.running: list[KvmVcpu | None] = [None] * n  # vCPU loaded here and not put
         self.in_guest: list[KvmVcpu | None] = [None] * n  # vCPU in IN_GUEST_MODE here
+        self.guest_cpus: set[int] = set()  # pCPUs with a vCPU in guest mode
+        self._online = set(self.online_cpus)
+        self._owned = set(self.owned_cpus)
+        self._all_clusters = -(-n // topo.x2apic_cluster_size)
         self.metrics = Metrics(n, noise, max_examples)
         self.oracle = Oracle(self)
         self.pool = PagePool(topo.numa_nodes)
@@ -235,34 +242,50 @@ class Host:
 
         An IPI that lands on a pCPU in guest mode forces a VM exit (external-interrupt exiting is
         always on in VMX); that vCPU re-enters after the event (Engine.finish_event), servicing
-        its requests, all of it counted as one interruption of that pCPU.
+        its requests, all of it counted as one interruption of that pCPU. The kicks are VM-level
+        state (every shard applies them, in pCPU order); receiving the IPI and running the
+        handler is per-pCPU work, done only for owned targets.
         """
-        targets = sorted(set(cpus) - {src})
+        targets = (self._online if cpus is self.online_cpus else set(cpus)) - {src}
         if not targets:
             return
         if self.owned[src]:
-            cluster = self.topo.x2apic_cluster_size
-            icr_writes = len({c // cluster for c in targets})
-            self.charge(src, self.cost.ipi_send_us * icr_writes)
-        for dst in targets:
-            self._receive_ipi(dst, counter)
+            self.charge(src, self.cost.ipi_send_us * self._icr_writes(targets))
+        kicked = self.guest_cpus & targets
+        for dst in sorted(kicked):
+            vcpu = self.in_guest[dst]
+            self.leave_guest(vcpu)
+            self.reentry.append(vcpu)
+        for dst in targets & self._owned:
+            self._receive_ipi(dst, counter, dst in kicked)
             if handler is not None:
                 handler(dst)
 
-    def _receive_ipi(self, dst: int, counter: str) -> None:
-        vcpu = self.in_guest[dst]
-        if vcpu is not None:  # VM-level: the vCPU leaves guest mode, in every shard
-            vcpu.mode = OUTSIDE_GUEST_MODE
-            self.in_guest[dst] = None
-            self.reentry.append(vcpu)
-        if not self.owned[dst]:
-            return
+    def _icr_writes(self, targets: set[int]) -> int:
+        """x2APIC cluster mode sends one ICR write per cluster with targets (physical mode: 1 per CPU)."""
+        cluster = self.topo.x2apic_cluster_size
+        if len(targets) == self.topo.nr_cpus - 1:  # a broadcast: every cluster still has a target
+            return self._all_clusters if cluster > 1 else len(targets)
+        return len({c // cluster for c in targets})
+
+    def _receive_ipi(self, dst: int, counter: str, kicked: bool) -> None:
         self.metrics.cpu[counter][dst] += 1
         self.irq.setdefault(dst, 0.0)
         self.charge(dst, self.cost.ipi_receive_us)
-        if vcpu is not None:
+        if kicked:
             self.metrics.cpu["vmexits_from_ipi"][dst] += 1
             self.charge(dst, self.cost.vmexit_us)
+
+    # --- guest mode (VM-level: every shard tracks every pCPU) -------------------------
+    def enter_guest(self, vcpu: KvmVcpu) -> None:
+        vcpu.mode = IN_GUEST_MODE
+        self.in_guest[vcpu.cpu] = vcpu
+        self.guest_cpus.add(vcpu.cpu)
+
+    def leave_guest(self, vcpu: KvmVcpu) -> None:
+        vcpu.mode = OUTSIDE_GUEST_MODE
+        self.in_guest[vcpu.cpu] = None
+        self.guest_cpus.discard(vcpu.cpu)
 
     def hv_flush_guest_physical_address_space(self, src: int, hpa: int) -> None:
         """HvCallFlushGuestPhysicalAddressSpace: L0 drops EP4TA `hpa` on every pCPU.

@@ -173,8 +173,7 @@ def kvm_arch_vcpu_put(vcpu: KvmVcpu) -> None:
 def vcpu_leave_guest(vcpu: KvmVcpu) -> None:
     """A VM exit that returns to the host (HLT, I/O, ...): the vCPU stays loaded."""
     if vcpu.mode == IN_GUEST_MODE:
-        vcpu.mode = OUTSIDE_GUEST_MODE
-        vcpu.kvm.host.in_guest[vcpu.cpu] = None
+        vcpu.kvm.host.leave_guest(vcpu)
 
 
 def _require_loaded(vcpu: KvmVcpu, what: str) -> None:
@@ -202,8 +201,7 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> None:
         kvm_mmu_load(vcpu)
     hv_track_root_tdp(vcpu, mmu.root.hpa)  # vmx_load_mmu_pgd()
     host.tlb_enter(vcpu.cpu, vcpu, mmu.root)
-    vcpu.mode = IN_GUEST_MODE
-    host.in_guest[vcpu.cpu] = vcpu
+    host.enter_guest(vcpu)
 
 
 # --- mode changes that reset or switch the MMU --------------------------------------------

@@ -63,8 +63,9 @@ HAZARDS = {
 class NoiseBudget:
     """RT noise accounting, after the osnoise tracer (Documentation/trace/osnoise-tracer.rst).
 
-    An interruption shorter than `threshold_us` is not noise (osnoise tracing_thresh, 5 us by
-    default). `budget_us` is the most noise one RT pCPU may see in one `period_us` window.
+    An interruption shorter than `threshold_us` is not noise (osnoise's tracing_thresh, whose
+    own default is 5 us; here 0: every interruption counts). `budget_us` is the most noise one
+    RT pCPU may see in one `period_us` window.
     """
 
     period_us: int = 1_000_000
@@ -110,7 +111,7 @@ class Metrics:
         self.cpu["stale_tlb_uses"][cpu] += 1
         self.stale_by_kind[kind] += 1
         ex = self.examples
-        if len(ex) < self.max_examples or t_ns <= ex[-1]["t_ns"]:  # events come in time order
+        if len(ex) < self.max_examples or (ex and t_ns <= ex[-1]["t_ns"]):  # events come in time order
             self.examples = first_examples([*ex, example()], self.max_examples)
 
     # --- noise ------------------------------------------------------------------------

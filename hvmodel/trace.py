@@ -132,7 +132,7 @@ def event_from_json(obj: dict, lineno: int) -> tuple:
         if key not in obj:
             raise TraceError(f"line {lineno}: {name}: missing field '{key}'")
     f = {**optional, **obj}
-    t = _int_field(f, "t_ns", lineno)
+    t = _int_field(f, "t_ns", lineno, 0, (1 << 63) - 1)
     vm = _int_field(f, "vm", lineno)
     vcpu = _int_field(f, "vcpu", lineno) if "vcpu" in required else -1
     pcpu = _int_field(f, "pcpu", lineno) if "pcpu" in f else -1

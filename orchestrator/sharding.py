@@ -110,6 +110,7 @@ class LocalRay:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.pop("RAY_ADDRESS", None)  # local means local, even inside a Ray job
         ray.init(
+            address="local",  # a new instance, even if another cluster runs on this machine
             num_cpus=self.num_cpus or os.cpu_count(),
             object_store_memory=self.object_store_memory,
             include_dashboard=False,

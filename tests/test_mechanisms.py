@@ -903,3 +903,18 @@ def test_fields_that_would_not_fit_the_binary_form_are_rejected(tmp_path, line, 
     path.write_text('{"t_ns": 0, "event": "vm_create", "vm": 1, "vcpus": 1}\n' + line + "\n")
     with pytest.raises(TraceError, match="^line 2: " + re.escape(message)):
         load_text(path)
+
+
+def test_host_keeps_a_housekeeping_cpu_and_text_traces_take_long_times(tmp_path):
+    """The kernel refuses to isolate every CPU; and text traces use 64-bit times like binary ones."""
+    with pytest.raises(ConfigError) as e:
+        Topology(nr_cpus=8, smt=1, housekeeping_per_node=0)
+    assert e.value.key == "host.housekeeping_per_node"
+    with pytest.raises(ConfigError) as e:
+        Topology(nr_cpus=4, smt=1, isolcpus="0-3")
+    assert e.value.key == "host.isolcpus"
+    path = tmp_path / "long.jsonl"
+    path.write_text(
+        '{"t_ns": 0, "event": "vm_create", "vm": 1, "vcpus": 1}\n{"t_ns": 3600000000000, "event": "vm_destroy", "vm": 1}\n'
+    )
+    assert load_text(path).duration_ns == 3_600_000_000_000

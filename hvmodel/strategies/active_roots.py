@@ -2,8 +2,8 @@
 of the sketch in aJKW9gTeyh0-pvcg@google.com, Aug 2025; unmerged).
 
 On a new pCPU, synchronously in vmx_vcpu_load_vmcs(): INVEPT single-context on the current and
-previous roots of root_mmu and guest_mmu (vmx_flush_ept_on_pcpu_migration), at most 8; a root
-with no shadow page gets ept_sync_global(). No IPIs. Roots reached later through
+previous roots of root_mmu and guest_mmu (vmx_flush_ept_on_pcpu_migration), at most 8; the
+dummy root, which has no shadow page, is flushed single-context too. No IPIs. Roots reached later through
 kvm_mmu_load() are flushed there, so these are the only EP4TAs the vCPU can use unflushed.
 """
 
