@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test test-all lint bench clean
+.PHONY: run test lint scale clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: $(STAMP)        ## engine benchmarks (ratios measured in one run)
-	$(BIN)/python -m benchmarks.engine_speed
+scale: $(STAMP)        ## wall time, events/s and peak memory per host size (docs/scaling.md)
+	$(BIN)/python -m benchmarks.scale $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun mlruns mlartifacts mlflow.db mlflow.db.lock
