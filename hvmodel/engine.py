@@ -26,12 +26,12 @@ from hvmodel.kvm import (
     run_in_vcpu_context,
     vcpu_enter_guest,
     vcpu_event,
-    vcpu_leave_guest,
 )
 from hvmodel.kvm_host import OUTSIDE_GUEST_MODE
 from hvmodel.metrics import NoiseBudget, summarize
 from hvmodel.strategies.base import FlushStrategy
 from hvmodel.trace import (
+    EVENT_NAMES,
     NESTED_EPTP_NOT_BACKED,
     NESTED_NO_EPT,
     Ev,
@@ -41,6 +41,26 @@ from hvmodel.trace import (
 )
 
 FIELDS = ("time_ns", "kind", "vm", "vcpu", "pcpu", "arg")
+
+# Events handled while the vCPU is out of guest mode on its own pCPU: kind -> fn(vcpu, arg).
+IN_VCPU_CONTEXT: dict[int, Callable] = {
+    Ev.VM_EXIT: lambda vcpu, arg: None,  # leaving guest mode is all there is
+    Ev.SMM_ENTER: lambda vcpu, arg: kvm_smm_changed(vcpu, True),
+    Ev.SMM_EXIT: lambda vcpu, arg: kvm_smm_changed(vcpu, False),
+    Ev.NESTED_VMENTER: lambda vcpu, arg: nested_vmenter(
+        vcpu, arg & 0xFFFFFFFF, nested_ept=not arg & NESTED_NO_EPT, eptp_backed=not arg & NESTED_EPTP_NOT_BACKED
+    ),
+    Ev.NESTED_VMEXIT: lambda vcpu, arg: nested_vmexit(vcpu),
+    Ev.L1_INVEPT: l1_invept,
+    Ev.MMU_RESET_CONTEXT: lambda vcpu, arg: kvm_mmu_reset_context(vcpu),
+    Ev.GUEST_TLB_FLUSH: lambda vcpu, arg: guest_tlb_flush(vcpu),
+}
+# Events run by a VMM or kernel thread on the event's pCPU: kind -> fn(kvm, arg).
+ON_HOST_CPU: dict[int, Callable] = {
+    Ev.VM_DESTROY: lambda kvm, arg: kvm_destroy_vm(kvm),
+    Ev.ZAP: kvm_zap_gfn_range,
+    Ev.MEMSLOT_DELETE: lambda kvm, arg: kvm_arch_flush_shadow_memslot(kvm),
+}
 
 
 class Engine:
@@ -59,30 +79,35 @@ class Engine:
         self.events = 0  # events replayed so far
         self.sim_ns = 0  # simulated time reached
         self.host = Host(topo, strategy, cost or CostModel(), noise or NoiseBudget(), owned_nodes, ept_ad, max_examples)
-        h = self.host
-        vm = lambda v: self._vm(v)  # noqa: E731
-        vc = lambda v, i, what: vcpu_event(h, v, i, what)  # noqa: E731
-        self.handlers: dict[int, Callable[[int, int, int, int], None]] = {
-            Ev.VM_CREATE: self._vm_create,
-            Ev.VM_DESTROY: lambda v, i, c, a: (self._on(c), kvm_destroy_vm(vm(v))),
-            Ev.VCPU_LOAD: lambda v, i, c, a: (self._on(c, vcpu_thread=True), kvm_arch_vcpu_load(vc(v, i, "vcpu_load"), c)),
-            Ev.VCPU_PUT: lambda v, i, c, a: kvm_arch_vcpu_put(vc(v, i, "vcpu_put")),
-            Ev.VM_ENTRY: lambda v, i, c, a: vcpu_enter_guest(vc(v, i, "vm_entry")),
-            Ev.VM_EXIT: lambda v, i, c, a: self._in_vcpu(vc(v, i, "vm_exit"), "vm_exit", vcpu_leave_guest),
-            Ev.ZAP: lambda v, i, c, a: (self._on(c), kvm_zap_gfn_range(vm(v), a)),
-            Ev.MEMSLOT_DELETE: lambda v, i, c, a: (self._on(c), kvm_arch_flush_shadow_memslot(vm(v))),
-            Ev.SMM_ENTER: lambda v, i, c, a: self._in_vcpu(vc(v, i, "smm_enter"), "smm_enter", kvm_smm_changed, True),
-            Ev.SMM_EXIT: lambda v, i, c, a: self._in_vcpu(vc(v, i, "smm_exit"), "smm_exit", kvm_smm_changed, False),
-            Ev.NESTED_VMENTER: self._nested_vmenter,
-            Ev.NESTED_VMEXIT: lambda v, i, c, a: self._in_vcpu(vc(v, i, "nested_vmexit"), "nested_vmexit", nested_vmexit),
-            Ev.L1_INVEPT: lambda v, i, c, a: self._in_vcpu(vc(v, i, "l1_invept"), "l1_invept", l1_invept, a),
-            Ev.MMU_RESET_CONTEXT: lambda v, i, c, a: self._in_vcpu(
-                vc(v, i, "mmu_reset_context"), "mmu_reset_context", kvm_mmu_reset_context
-            ),
-            Ev.GUEST_TLB_FLUSH: lambda v, i, c, a: self._in_vcpu(vc(v, i, "guest_tlb_flush"), "guest_tlb_flush", guest_tlb_flush),
-        }
 
-    # --- helpers ----------------------------------------------------------------------
+    # --- dispatch ---------------------------------------------------------------------
+    def dispatch(self, kind: int, vm: int, i: int, cpu: int, arg: int) -> None:
+        """Route one event to the kernel path it drives, in the context it runs in."""
+        host = self.host
+        if kind in IN_VCPU_CONTEXT:  # handled in a VM exit, on the vCPU's pCPU
+            vcpu = vcpu_event(host, vm, i, EVENT_NAMES.get(kind, "?"))
+            run_in_vcpu_context(vcpu, EVENT_NAMES[kind])
+            IN_VCPU_CONTEXT[kind](vcpu, arg)
+        elif kind in ON_HOST_CPU:  # VMM or kernel thread on the event's pCPU
+            self._on(cpu)
+            kvm = host.vms.get(vm)
+            if kvm is None:
+                raise TraceError(f"{EVENT_NAMES[kind]}: VM {vm} does not exist")
+            ON_HOST_CPU[kind](kvm, arg)
+        elif kind == Ev.VM_CREATE:
+            self._on(cpu)
+            nr_vcpus, level, node = unpack_vm_create(arg)
+            kvm_create_vm(host, vm, nr_vcpus, level, node)
+        elif kind == Ev.VCPU_LOAD:
+            self._on(cpu, vcpu_thread=True)
+            kvm_arch_vcpu_load(vcpu_event(host, vm, i, "vcpu_load"), cpu)
+        elif kind == Ev.VCPU_PUT:
+            kvm_arch_vcpu_put(vcpu_event(host, vm, i, "vcpu_put"))
+        elif kind == Ev.VM_ENTRY:
+            vcpu_enter_guest(vcpu_event(host, vm, i, "vm_entry"))
+        else:
+            raise TraceError(f"unknown event kind {kind}")
+
     def _on(self, cpu: int, vcpu_thread: bool = False) -> None:
         """The host code of this event runs on `cpu` (smp_processor_id()). A VMM or kernel thread
         cannot run where a vCPU is in guest mode; a vCPU thread being scheduled in is checked
@@ -93,35 +118,11 @@ class Engine:
             raise TraceError(f"pcpu {cpu} is in guest mode ({self.host.in_guest[cpu]!r}); host code cannot run there")
         self.host.this_cpu = cpu
 
-    def _vm(self, vm: int):
-        kvm = self.host.vms.get(vm)
-        if kvm is None:
-            raise TraceError(f"VM {vm} does not exist")
-        return kvm
-
-    @staticmethod
-    def _in_vcpu(vcpu, what: str, fn, *args) -> None:
-        run_in_vcpu_context(vcpu, what)
-        fn(vcpu, *args)
-
-    def _vm_create(self, vm: int, vcpu: int, cpu: int, arg: int) -> None:
-        self._on(cpu)
-        nr_vcpus, level, node = unpack_vm_create(arg)
-        kvm_create_vm(self.host, vm, nr_vcpus, level, node)
-
-    def _nested_vmenter(self, vm: int, i: int, cpu: int, arg: int) -> None:
-        vcpu = vcpu_event(self.host, vm, i, "nested_vmenter")
-        run_in_vcpu_context(vcpu, "nested_vmenter")
-        nested_vmenter(vcpu, arg & 0xFFFFFFFF, not arg & NESTED_NO_EPT, not arg & NESTED_EPTP_NOT_BACKED)
-
     # --- the loop ---------------------------------------------------------------------
     def step(self, t: int, kind: int, vm: int, vcpu: int, cpu: int, arg: int) -> None:
         host = self.host
         host.now = t
-        handler = self.handlers.get(kind)
-        if handler is None:
-            raise TraceError(f"unknown event kind {kind}")
-        handler(vm, vcpu, cpu, arg)
+        self.dispatch(kind, vm, vcpu, cpu, arg)
         if host.reentry or host.irq:
             self.finish_event(t)
 

@@ -393,9 +393,7 @@ class Overcommit(_VmFleet):
 
     def check(self, topo: Topology) -> None:
         if not self.pool(_Host(topo)):
-            raise ConfigError(
-                "workload.cpuset", f"host {topo.name or topo.nr_cpus} has no {self.cpuset} CPUs besides the VMM CPUs"
-            )
+            raise ConfigError("workload.cpuset", f"host {topo.name or topo.nr_cpus} has no {self.cpuset} CPUs besides the VMM CPUs")
 
     def pool(self, host: _Host) -> list[int]:
         """The cpuset, minus each node's VMM CPU (it runs the VMM and kernel threads that
@@ -537,14 +535,10 @@ class RtMixed(Workload):
 
     name = "rt_mixed"
 
-    def __init__(
-        self, duration_s: float = 2.0, rt: dict | None = None, best_effort: dict | None = None, chunk_events: int = 1 << 16
-    ):
+    def __init__(self, duration_s: float = 2.0, rt: dict | None = None, best_effort: dict | None = None, chunk_events: int = 1 << 16):
         super().__init__(duration_s, chunk_events)
         self.rt = PartitionedPinned(duration_s, chunk_events=chunk_events, **_part(rt, PartitionedPinned, "rt", None))
-        self.best_effort = Overcommit(
-            duration_s, chunk_events=chunk_events, **_part(best_effort, Overcommit, "best_effort", "cpuset")
-        )
+        self.best_effort = Overcommit(duration_s, chunk_events=chunk_events, **_part(best_effort, Overcommit, "best_effort", "cpuset"))
 
     def check(self, topo: Topology) -> None:
         self.rt.check(topo)

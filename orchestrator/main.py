@@ -108,9 +108,7 @@ def write_artifacts(out: Path, summary: dict, result: dict, scenario, title: str
     topo = scenario.topo
     write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     write_atomic(out / "stale_examples.json", json.dumps(result["examples"], indent=2) + "\n")
-    write_atomic(
-        out / "osnoise_top.txt", report.osnoise_top(result, topo, int(summary["sim_seconds"] * 1e9), scenario.noise.period_us)
-    )
+    write_atomic(out / "osnoise_top.txt", report.osnoise_top(result, topo, int(summary["sim_seconds"] * 1e9), scenario.noise.period_us))
     report.write_per_cpu_csv(result, topo, out / "per_cpu.csv")
     report.heatmap(result, topo, out / "heatmap.png", title)
 

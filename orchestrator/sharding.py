@@ -163,10 +163,7 @@ class Progress:
         sim = min((s["sim_ns"] for s in self.state.values() if not s["done"]), default=self.duration_ns or 0)
         rate = events / max(now - self.t0, 1e-9)
         total = f"/{self.duration_ns / 1e9:.2f}" if self.duration_ns else ""
-        line = (
-            f"[hvbench] shards {done}/{self.shards} done | sim {sim / 1e9:.2f}{total} s"
-            f" | {events:,} events | {rate:,.0f} events/s"
-        )
+        line = f"[hvbench] shards {done}/{self.shards} done | sim {sim / 1e9:.2f}{total} s | {events:,} events | {rate:,.0f} events/s"
         self.stream.write(("\r" + line) if tty else line + "\n")
         if tty and force:
             self.stream.write("\n")

@@ -149,3 +149,36 @@ def test_per_cpu_arrays_are_consistent(tmp_path, tracking_uri, ray_session):
     for key in ("invept_single", "invept_global", "ipi_flush", "ipi_vmclear", "migrations"):
         assert table[key].sum() == summary[key]
     assert table["ipi_flush"][table["rt"] == 1].sum() + table["ipi_vmclear"][table["rt"] == 1].sum() == summary["ipi_rt"]
+
+
+def test_saved_trace_replays_to_the_same_result(tmp_path, tracking_uri, ray_session):
+    """trace.save writes the generated trace (binary); workload=trace replays it identically."""
+    saved = tmp_path / "run.hvt"
+    first = run(
+        compose_cfg(
+            ["workload=overcommit", "workload.duration_s=0.4", f"trace.save={saved}", f"tracking.tracking_uri={tracking_uri}"],
+            tmp_path / "a",
+        )
+    )
+    again = run(compose_cfg(["workload=trace", f"workload.path={saved}", f"tracking.tracking_uri={tracking_uri}"], tmp_path / "b"))
+    timing = {"sim_wall_s", "events_per_s", "job_wall_s"}
+    assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in first.items() if k not in timing}
+    assert first["events"] > 1000
+
+
+def test_progress_is_a_live_line_on_a_terminal_and_plain_lines_in_logs():
+    import io
+
+    from orchestrator.sharding import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, tty in ((io.StringIO(), False), (Tty(), True)):
+        p = Progress(2, 10_000_000_000, stream=stream, every_s=0.0)
+        p.update(0, {"events": 1000, "sim_ns": 2_500_000_000, "done": False}, force=True)
+        p.update(1, {"events": 3000, "sim_ns": 10_000_000_000, "done": True}, force=True)
+        out = stream.getvalue()
+        assert "[hvbench] shards 1/2 done | sim 2.50/10.00 s | 4,000 events |" in out
+        assert out.startswith("\r") == tty and ("\n[hvbench]" in out) != tty

@@ -708,7 +708,7 @@ def test_load_text_errors_name_the_line(tmp_path, bad, message):
     [
         (ev(20, "vm_entry", vcpu=1), "line 5 (t_ns=20): vm_entry: <vcpu 1/1 cpu=-1> is not loaded on any pCPU"),
         (ev(20, "vcpu_load", vcpu=1, pcpu=1), "line 5 (t_ns=20): vcpu_load: pCPU 1 is running <vcpu 1/0 cpu=1>"),
-        (ev(20, "memslot_delete", vm=9, pcpu=0), "line 5 (t_ns=20): VM 9 does not exist"),
+        (ev(20, "memslot_delete", vm=9, pcpu=0), "line 5 (t_ns=20): memslot_delete: VM 9 does not exist"),
         (ev(20, "vm_entry", vm=9, vcpu=0), "line 5 (t_ns=20): vm_entry: VM 9 does not exist"),
         (ev(20, "vcpu_load", vcpu=2, pcpu=2), "line 5 (t_ns=20): vcpu_load: VM 1 has no vCPU 2 (it has 2)"),
         (ev(20, "nested_vmexit", vcpu=0), "line 5 (t_ns=20): nested_vmexit: <vcpu 1/0 cpu=1> is not running L2"),
@@ -774,9 +774,7 @@ def test_binary_and_text_round_trips(tmp_path):
     assert np.array_equal(back.to_array(), ref)
     assert back.duration_ns == int(ref["time_ns"][-1])
     rates = {k for k in expected if k.endswith("_per_s")} | {"sim_seconds"}
-    assert {k: v for k, v in _summary(back, topo).items() if k not in rates} == {
-        k: v for k, v in expected.items() if k not in rates
-    }
+    assert {k: v for k, v in _summary(back, topo).items() if k not in rates} == {k: v for k, v in expected.items() if k not in rates}
 
 
 # --- 9. noise windows -------------------------------------------------------------------------
@@ -914,7 +912,5 @@ def test_host_keeps_a_housekeeping_cpu_and_text_traces_take_long_times(tmp_path)
         Topology(nr_cpus=4, smt=1, isolcpus="0-3")
     assert e.value.key == "host.isolcpus"
     path = tmp_path / "long.jsonl"
-    path.write_text(
-        '{"t_ns": 0, "event": "vm_create", "vm": 1, "vcpus": 1}\n{"t_ns": 3600000000000, "event": "vm_destroy", "vm": 1}\n'
-    )
+    path.write_text('{"t_ns": 0, "event": "vm_create", "vm": 1, "vcpus": 1}\n{"t_ns": 3600000000000, "event": "vm_destroy", "vm": 1}\n')
     assert load_text(path).duration_ns == 3_600_000_000_000

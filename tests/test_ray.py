@@ -92,3 +92,30 @@ def test_actors_never_log_to_mlflow():
     }
     modules = {n.module.split(".")[0] for n in ast.walk(ast.parse(src.read_text())) if isinstance(n, ast.ImportFrom) and n.module}
     assert "mlflow" not in imports | modules
+
+
+def test_failed_shard_marks_the_mlflow_run_failed(ray_session, tmp_path):
+    """A shard that keeps dying ends the job with the reason in MLflow, status FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.main import run
+
+    from conftest import compose_cfg
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_cfg(
+        ["host=x384", "shards=2", "cluster.max_retries=0", "workload.duration_s=4", f"tracking.tracking_uri={uri}"], tmp_path / "out"
+    )
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_shard_when_running, args=(ray_session, 1, stop))
+    killer.start()
+    try:
+        with pytest.raises(ShardFailed):
+            run(cfg)
+    finally:
+        stop.set()
+        killer.join()
+    client = MlflowClient(uri)
+    (r,) = client.search_runs([client.get_experiment_by_name("hvbench").experiment_id])
+    assert r.info.status == "FAILED"
+    assert r.data.tags["error"].startswith("ShardFailed: shard 1 (NUMA nodes [1]) failed 1 times")

@@ -18,9 +18,7 @@ HOSTS = [
 CHURN = {"lifetime_s": 0.2, "zap_per_s": 30.0, "boot_s": 0.05, "reboot_fraction": 0.5}
 NESTED = {"transitions_per_s": 400.0, "invept_prob": 0.3, "ept12_write_prob": 0.3}
 MAKERS = {
-    "partitioned_pinned": lambda chunk=1 << 16: PartitionedPinned(
-        duration_s=0.6, halt_per_s=200, lifecycle=CHURN, chunk_events=chunk
-    ),
+    "partitioned_pinned": lambda chunk=1 << 16: PartitionedPinned(duration_s=0.6, halt_per_s=200, lifecycle=CHURN, chunk_events=chunk),
     "overcommit": lambda chunk=1 << 16: Overcommit(
         duration_s=0.6, cpuset="all", vms=10, nested_fraction=0.7, nested=NESTED, lifecycle=CHURN, chunk_events=chunk
     ),

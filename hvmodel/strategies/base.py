@@ -72,9 +72,7 @@ class KernelDefaults:
 
     def attach(self, host: Host) -> None:
         if host.env not in self.environments:
-            raise ConfigError(
-                "host.env", f"strategy {self.name} runs only with host.env in {list(self.environments)}, got {host.env!r}"
-            )
+            raise ConfigError("host.env", f"strategy {self.name} runs only with host.env in {list(self.environments)}, got {host.env!r}")
         self.host = host
 
     @property
