@@ -182,10 +182,6 @@ class Host:
         if cpu in self.irq:
             self.irq[cpu] += us
 
-    def count(self, cpu: int, counter: str) -> None:
-        if self.owned[cpu]:
-            self.metrics.cpu[counter][cpu] += 1
-
     # --- local flush instructions -----------------------------------------------------
     def invept_single(self, cpu: int, hpa: int) -> None:
         """INVEPT type 1 (single-context) on `cpu`: drop everything tagged `hpa`."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from hvmodel.engine import Engine
 from hvmodel.errors import ConfigError
 from hvmodel.metrics import merge
-from hvmodel.trace import Trace, TraceError
+from hvmodel.trace import TraceError
 from orchestrator.scenario import Scenario
 
 
@@ -42,8 +42,7 @@ def shard_plan(numa_nodes: int, shards: int) -> list[list[int]]:
 class ShardRunner:
     """Runs the complete emulator for one shard, in steps so the driver can show progress."""
 
-    def __init__(self, scenario: Scenario, nodes: list[int], trace: Trace | None = None):
-        self.nodes = nodes
+    def __init__(self, scenario: Scenario, nodes: list[int]):
         self.engine = Engine(
             scenario.topo,
             copy.deepcopy(scenario.strategy),
@@ -53,7 +52,7 @@ class ShardRunner:
             ept_ad=scenario.ept_ad,
             max_examples=scenario.max_examples,
         )
-        self.trace = trace if trace is not None else scenario.make_trace()
+        self.trace = scenario.make_trace()
         self.chunks = iter(self.trace)
         self.wall_s = 0.0
 
@@ -187,6 +186,21 @@ def run_shards(scenario: Scenario, cluster, shards: int, progress: Progress | No
         return actor_cls.options(name=name, scheduling_strategy="SPREAD").remote(ref, plan[i])
 
     actors = [start(i) for i in range(len(plan))]
+    try:
+        results = _gather(actors, plan, start, attempts, cluster.max_retries, progress)
+    finally:  # done, failed or interrupted: no actor outlives the job
+        for a in actors:
+            ray.kill(a)
+    merged = merge(results, scenario.max_examples)
+    merged["duration_ns"] = results[0]["duration_ns"]
+    merged["shards"] = [{"nodes": plan[i], "wall_s": r["wall_s"], "node_id": r["node_id"]} for i, r in enumerate(results)]
+    return merged
+
+
+def _gather(actors: list, plan: list[list[int]], start, attempts: list[int], max_retries: int, progress: Progress | None) -> list[dict]:
+    """Drive the actors step by step until every shard has its result; rerun lost shards."""
+    import ray
+
     pending = {a.advance.remote(): i for i, a in enumerate(actors)}
     results: list[dict | None] = [None] * len(plan)
     while pending:
@@ -200,25 +214,17 @@ def run_shards(scenario: Scenario, cluster, shards: int, progress: Progress | No
             else:
                 pending[actors[i].advance.remote()] = i
         except ray.exceptions.RayTaskError as e:
-            for a in actors:
-                ray.kill(a)
             if isinstance(e.cause, TraceError | ConfigError):  # the user's trace or config: say so plainly
                 raise e.cause from None
             raise ShardFailed(f"shard {i} (NUMA nodes {plan[i]}) raised {type(e.cause).__name__}: {e.cause}") from e
         except ray.exceptions.RayActorError as e:
             attempts[i] += 1
-            if attempts[i] > cluster.max_retries:
+            if attempts[i] > max_retries:
                 raise ShardFailed(f"shard {i} (NUMA nodes {plan[i]}) failed {attempts[i]} times: {e}") from e
-            print(
-                f"[hvbench] shard {i} lost its actor ({type(e).__name__}); retry {attempts[i]}/{cluster.max_retries}",
-                file=sys.stderr,
-            )
+            print(f"[hvbench] shard {i} lost its actor ({type(e).__name__}); retry {attempts[i]}/{max_retries}", file=sys.stderr)
             actors[i] = start(i)
             pending[actors[i].advance.remote()] = i
             info = {"events": 0, "sim_ns": 0, "done": False}
         if progress is not None:
             progress.update(i, info, force=not pending)
-    merged = merge(results, scenario.max_examples)
-    merged["duration_ns"] = results[0]["duration_ns"]
-    merged["shards"] = [{"nodes": plan[i], "wall_s": r["wall_s"], "node_id": r["node_id"]} for i, r in enumerate(results)]
-    return merged
+    return results
