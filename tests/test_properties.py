@@ -28,6 +28,8 @@ from hvmodel.strategies.upstream import Upstream
 from hvmodel.strategies.vm_ever_ran_mask import VmEverRanMask
 from hvmodel.trace import EVENT_DTYPE, MMU_RESET_REASONS, Ev, Trace, pack_nested_vmenter, pack_vm_create
 
+from controls import CurrentRootOnly, NoMigrationFlush
+
 TOPO = Topology(nr_cpus=8, numa_nodes=2, smt=1, housekeeping_per_node=1, name="p8")
 HYPERV = Topology(nr_cpus=8, numa_nodes=2, smt=1, housekeeping_per_node=1, env="hyperv", name="p8hv")
 BARE_METAL = [Upstream, IpiAllOnAlloc, VmEverRanMask, ActiveRoots, PerRootCpumask, PerRootCpumaskClear, RootGeneration]
@@ -196,7 +198,7 @@ def test_flushing_everything_at_every_entry_is_never_stale(actions):
     positives."""
     trace = build_trace(actions)
     with invept_global_before_every_entry():
-        for strategy in (IpiAllOnAlloc, PerRootCpumask, VmEverRanMask):
+        for strategy in (NoMigrationFlush, CurrentRootOnly, IpiAllOnAlloc, PerRootCpumask, VmEverRanMask):
             _, s = simulate(trace, TOPO, strategy())
             assert s["stale_tlb_uses"] == 0
 
