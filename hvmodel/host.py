@@ -129,7 +129,7 @@ class TlbEntry:
     def __init__(self, sp, epoch: int):
         self.sp = sp
         self.epoch = epoch
-        self.missed = False  # a bare-metal remote flush could not reach this pCPU (oracle H4)
+        self.missed = False  # a remote flush could not reach this entry (oracle H4)
 
 
 class Host:
@@ -147,20 +147,17 @@ class Host:
     ):
         self.topo, self.strategy, self.cost, self.env, self.ept_ad = topo, strategy, cost, topo.env, ept_ad
         n = topo.nr_cpus
-        self.node = topo.node_of().tolist()
-        self.rt = topo.rt_mask().tolist()
         nodes = range(topo.numa_nodes) if owned_nodes is None else sorted(set(owned_nodes))
         self.owned = [False] * n
         for node in nodes:
             for cpu in topo.node_cpus(node):
                 self.owned[int(cpu)] = True
         self.owned_cpus = [c for c in range(n) if self.owned[c]]
-        self.online_cpus = range(n)  # CPU hotplug is not modelled
+        self.online_cpus = frozenset(range(n))  # CPU hotplug is not modelled
         self.tlb: list[dict[int, TlbEntry]] = [{} for _ in range(n)]
         self.running: list[KvmVcpu | None] = [None] * n  # vCPU loaded here and not put
         self.in_guest: list[KvmVcpu | None] = [None] * n  # vCPU in IN_GUEST_MODE here
         self.guest_cpus: set[int] = set()  # pCPUs with a vCPU in guest mode
-        self._online = set(self.online_cpus)
         self._owned = set(self.owned_cpus)
         self._all_clusters = -(-n // topo.x2apic_cluster_size)
         self.metrics = Metrics(n, noise, max_examples)
@@ -189,10 +186,16 @@ class Host:
             return
         self.metrics.cpu["invept_single"][cpu] += 1
         self.charge(cpu, self.cost.invept_single_us)
+        self._drop(cpu, hpa)
+
+    def _drop(self, cpu: int, hpa: int) -> bool:
+        """Remove the entries tagged `hpa` from an owned pCPU; the guest pays to refill them."""
         e = self.tlb[cpu].pop(hpa, None)
-        if e is not None:
-            e.sp.holders.discard(cpu)
-            self.metrics.cpu_f["flush_overhead_us"][cpu] += self.cost.refill_us
+        if e is None:
+            return False
+        e.sp.holders.discard(cpu)
+        self.metrics.cpu_f["flush_overhead_us"][cpu] += self.cost.refill_us
+        return True
 
     def invept_global(self, cpu: int) -> None:
         """INVEPT type 2 (all-context) on `cpu`: drop every EP4TA, other VMs' included."""
@@ -242,7 +245,8 @@ class Host:
         state (every shard applies them, in pCPU order); receiving the IPI and running the
         handler is per-pCPU work, done only for owned targets.
         """
-        targets = (self._online if cpus is self.online_cpus else set(cpus)) - {src}
+        targets = set(cpus)
+        targets.discard(src)
         if not targets:
             return
         if self.owned[src]:
@@ -293,11 +297,8 @@ class Host:
         if self.owned[src]:
             self.charge(src, self.cost.hv_flush_hypercall_us)
         for cpu in self.owned_cpus:
-            e = self.tlb[cpu].pop(hpa, None)
-            if e is None:
+            if not self._drop(cpu, hpa):
                 continue
-            e.sp.holders.discard(cpu)
-            self.metrics.cpu_f["flush_overhead_us"][cpu] += self.cost.refill_us
             vcpu = self.in_guest[cpu]
             if vcpu is not None and vcpu.arch.mmu.root.hpa == hpa:
                 self.tlb_enter(cpu, vcpu, vcpu.arch.mmu.root)

@@ -154,9 +154,6 @@ class Metrics:
         }
 
 
-_MAX_FIELDS = ("noise_max_single_us", "noise_max_window_us")
-
-
 def first_examples(examples: list[dict], k: int) -> list[dict]:
     """The k earliest stale uses in a total order (time, pCPU, VM, vCPU), so that the examples
     kept do not depend on how the pCPUs were split into shards."""
@@ -173,10 +170,8 @@ def merge(results: list[dict], max_examples: int = 10) -> dict:
         if r["vm"] != first["vm"]:
             diff = {k: [s["vm"][k] for s in results] for k in first["vm"] if r["vm"][k] != first["vm"][k]}
             raise AssertionError(f"shards disagree on VM-level counters: {diff}")
-    per_cpu = {}
-    for key in first["per_cpu"]:
-        stack = np.stack([r["per_cpu"][key] for r in results])
-        per_cpu[key] = stack.max(axis=0) if key in _MAX_FIELDS else stack.sum(axis=0)
+    # each pCPU has exactly one owner and is 0 elsewhere: a sum is exact, maxima included
+    per_cpu = {key: np.sum([r["per_cpu"][key] for r in results], axis=0) for key in first["per_cpu"]}
     stale = {k: sum(r["stale_by_kind"][k] for r in results) for k in first["stale_by_kind"]}
     examples = first_examples([e for r in results for e in r["examples"]], max_examples)
     return {"per_cpu": per_cpu, "vm": dict(first["vm"]), "stale_by_kind": stale, "examples": examples}

@@ -185,11 +185,15 @@ class _VmFleet(Workload):
         vm = _Vm(self.next_vm, node, hk, cpus)
         self.next_vm += 1
         sim.emit(t, Ev.VM_CREATE, vm.id, pcpu=hk, arg=pack_vm_create(len(cpus), lc.tdp_level, node))
-        self.firmware(t, sim, vm)
-        sim.at(t + int(lc.boot_s * NS), self.booted, sim, vm, slot)
-        sim.at(t + sim.exp_ns(lc.lifetime_s), self.end_of_life, sim, vm, slot)
+        self.start_life(t, sim, vm, slot)
         if lc.zap_per_s > 0:
             sim.at(t + sim.exp_ns(1 / lc.zap_per_s), self.zap, sim, vm)
+
+    def start_life(self, t: int, sim: _Sim, vm: _Vm, slot) -> None:
+        """(Re)boot: the firmware runs, the other vCPUs come up, and a lifetime starts."""
+        self.firmware(t, sim, vm)
+        sim.at(t + int(self.lifecycle.boot_s * NS), self.booted, sim, vm, slot)
+        sim.at(t + sim.exp_ns(self.lifecycle.lifetime_s), self.end_of_life, sim, vm, slot)
 
     def firmware(self, t: int, sim: _Sim, vm: _Vm) -> None:
         """Boot: vCPU 0 runs the firmware (SMM transitions), the VMM remaps memslots."""
@@ -234,9 +238,7 @@ class _VmFleet(Workload):
         if sim.rng.random() < lc.reboot_fraction:  # guest reboot: firmware again, same VM
             for i in range(1, len(vm.cpus)):
                 self.stop_vcpu(t, sim, vm, i)
-            self.firmware(t, sim, vm)
-            sim.at(t + int(lc.boot_s * NS), self.booted, sim, vm, slot)
-            sim.at(t + sim.exp_ns(lc.lifetime_s), self.end_of_life, sim, vm, slot)
+            self.start_life(t, sim, vm, slot)
             return
         for i in range(len(vm.cpus)):
             self.stop_vcpu(t, sim, vm, i)

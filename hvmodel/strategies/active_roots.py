@@ -3,8 +3,9 @@ of the sketch in aJKW9gTeyh0-pvcg@google.com, Aug 2025; unmerged).
 
 On a new pCPU, synchronously in vmx_vcpu_load_vmcs(): INVEPT single-context on the current and
 previous roots of root_mmu and guest_mmu (vmx_flush_ept_on_pcpu_migration), at most 8; the
-dummy root, which has no shadow page, is flushed single-context too. No IPIs. Roots reached later through
-kvm_mmu_load() are flushed there, so these are the only EP4TAs the vCPU can use unflushed.
+dummy root, which has no shadow page, is flushed single-context too. No IPIs. Roots reached
+later through kvm_mmu_load() are flushed there, so these are the only EP4TAs the vCPU can use
+unflushed. E and F are D with a rule for skipping roots (needs_flush).
 """
 
 from hvmodel.strategies.base import KernelDefaults, reachable_roots
@@ -16,4 +17,9 @@ class ActiveRoots(KernelDefaults):
 
     def vcpu_migrated(self, vcpu, cpu):
         for root in reachable_roots(vcpu):
-            vmx_flush_tlb_ept_root(self.host, cpu, root)
+            if root.sp is None or self.needs_flush(root.sp, cpu):  # special roots: always
+                vmx_flush_tlb_ept_root(self.host, cpu, root)
+
+    def needs_flush(self, sp, cpu: int) -> bool:
+        """Whether `cpu` must flush root `sp` now (and record that it did)."""
+        return True

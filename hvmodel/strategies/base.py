@@ -38,8 +38,12 @@ def kmalloc_size(nbytes: int) -> int:
 def cpumask_bytes(nr_cpu_ids: int, sizing: str) -> int:
     """cpumask_var_t with CPUMASK_OFFSTACK: cpumask_size() = BITS_TO_LONGS(bits) longs, where
     bits is nr_cpu_ids, or NR_CPUS for a fixed-size mask."""
-    bits = nr_cpu_ids if sizing == "nr_cpu_ids" else NR_CPUS
-    return kmalloc_size(-(-bits // 64) * 8)
+    return kmalloc_size(-(-mask_cpus(nr_cpu_ids, sizing) // 64) * 8)
+
+
+def mask_cpus(nr_cpu_ids: int, sizing: str) -> int:
+    """How many CPUs a per-CPU structure is sized for: nr_cpu_ids, or NR_CPUS when fixed."""
+    return nr_cpu_ids if sizing == "nr_cpu_ids" else NR_CPUS
 
 
 class FlushStrategy(Protocol):
@@ -74,10 +78,7 @@ class KernelDefaults:
         if host.env not in self.environments:
             raise ConfigError("host.env", f"strategy {self.name} runs only with host.env in {list(self.environments)}, got {host.env!r}")
         self.host = host
-
-    @property
-    def mask_bytes(self) -> int:
-        return cpumask_bytes(self.host.topo.nr_cpus, self.mask_sizing)
+        self.mask_bytes = cpumask_bytes(host.topo.nr_cpus, self.mask_sizing)  # one cpumask_var_t
 
     def vcpu_migrated(self, vcpu: KvmVcpu, cpu: int) -> None:
         """vmx_vcpu_load_vmcs() on a new pCPU: flush all EPTP/VPID contexts at next entry."""

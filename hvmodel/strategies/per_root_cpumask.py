@@ -7,11 +7,10 @@ level >= 4) and freed with it (tdp_mmu_free_sp / kvm_mmu_free_shadow_page), so a
 re-found in the hash keeps its mask. Memory: one cpumask_var_t per root.
 """
 
-from hvmodel.strategies.base import KernelDefaults, reachable_roots
-from hvmodel.vmx import vmx_flush_tlb_ept_root
+from hvmodel.strategies.active_roots import ActiveRoots
 
 
-class PerRootCpumask(KernelDefaults):
+class PerRootCpumask(ActiveRoots):
     name = "per_root_cpumask"
 
     def __init__(self, mask_sizing: str = "nr_cpu_ids"):
@@ -26,11 +25,9 @@ class PerRootCpumask(KernelDefaults):
         del self.cpu_flushed_mask[sp.id]
         self.host.metrics.mask_free(self.mask_bytes)
 
-    def vcpu_migrated(self, vcpu, cpu):
-        for root in reachable_roots(vcpu):
-            if root.sp is not None:  # special roots have no mask: always flush
-                mask = self.cpu_flushed_mask[root.sp.id]
-                if cpu in mask:
-                    continue
-                mask.add(cpu)
-            vmx_flush_tlb_ept_root(self.host, cpu, root)
+    def needs_flush(self, sp, cpu):
+        mask = self.cpu_flushed_mask[sp.id]  # test, then set (review aKT_0Zuj2MBRrh6p)
+        if cpu in mask:
+            return False
+        mask.add(cpu)
+        return True

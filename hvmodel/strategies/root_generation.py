@@ -7,11 +7,11 @@ already flushed it at the current generation. Memory: a u32 per (root, pCPU), al
 per-root array of nr_cpu_ids entries.
 """
 
-from hvmodel.strategies.base import NR_CPUS, KernelDefaults, kmalloc_size, reachable_roots
-from hvmodel.vmx import vmx_flush_tlb_ept_root
+from hvmodel.strategies.active_roots import ActiveRoots
+from hvmodel.strategies.base import kmalloc_size, mask_cpus
 
 
-class RootGeneration(KernelDefaults):
+class RootGeneration(ActiveRoots):
     name = "root_generation"
 
     def __init__(self, mask_sizing: str = "nr_cpu_ids"):
@@ -19,10 +19,9 @@ class RootGeneration(KernelDefaults):
         self.gen: dict[int, int] = {}  # root id -> generation
         self.flushed_gen: dict[int, dict[int, int]] = {}  # root id -> {pCPU: generation}
 
-    @property
-    def table_bytes(self) -> int:
-        cpus = self.host.topo.nr_cpus if self.mask_sizing == "nr_cpu_ids" else NR_CPUS
-        return kmalloc_size(4 * cpus)
+    def attach(self, host):
+        super().attach(host)
+        self.table_bytes = kmalloc_size(4 * mask_cpus(host.topo.nr_cpus, self.mask_sizing))  # u32 per pCPU
 
     def root_created(self, sp):
         self.gen[sp.id] = 0
@@ -33,14 +32,12 @@ class RootGeneration(KernelDefaults):
         del self.gen[sp.id], self.flushed_gen[sp.id]
         self.host.metrics.mask_free(self.table_bytes)
 
-    def vcpu_migrated(self, vcpu, cpu):
-        for root in reachable_roots(vcpu):
-            if root.sp is not None:
-                gen, seen = self.gen[root.sp.id], self.flushed_gen[root.sp.id]
-                if seen.get(cpu) == gen:
-                    continue
-                seen[cpu] = gen
-            vmx_flush_tlb_ept_root(self.host, cpu, root)
+    def needs_flush(self, sp, cpu):
+        gen, seen = self.gen[sp.id], self.flushed_gen[sp.id]
+        if seen.get(cpu) == gen:
+            return False
+        seen[cpu] = gen
+        return True
 
     def flush_remote_tlbs(self, kvm):
         for sp in kvm.roots.values():
