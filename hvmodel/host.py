@@ -16,7 +16,7 @@ The primitives below are the only places that touch per-pCPU state, and each che
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -148,36 +148,34 @@ class Host:
         self.topo, self.strategy, self.cost, self.env, self.ept_ad = topo, strategy, cost, topo.env, ept_ad
         n = topo.nr_cpus
         nodes = range(topo.numa_nodes) if owned_nodes is None else sorted(set(owned_nodes))
-        self.owned = [False] * n
-        for node in nodes:
-            for cpu in topo.node_cpus(node):
-                self.owned[int(cpu)] = True
-        self.owned_cpus = [c for c in range(n) if self.owned[c]]
-        self.online_cpus = frozenset(range(n))  # CPU hotplug is not modelled
+        self.owned = np.isin(topo.node_of(), list(nodes))
+        self.owned_cpus = np.flatnonzero(self.owned)
+        self.online_cpus = np.arange(n)  # CPU hotplug is not modelled
         self.tlb: list[dict[int, TlbEntry]] = [{} for _ in range(n)]
+        self.tlb_holders: dict[int, set[int]] = {}  # EP4TA -> owned pCPUs caching it
         self.running: list[KvmVcpu | None] = [None] * n  # vCPU loaded here and not put
         self.in_guest: list[KvmVcpu | None] = [None] * n  # vCPU in IN_GUEST_MODE here
-        self.guest_cpus: set[int] = set()  # pCPUs with a vCPU in guest mode
-        self._owned = set(self.owned_cpus)
+        self.guest_mode = np.zeros(n, bool)  # the same, as a mask, for IPIs to many pCPUs
         self._all_clusters = -(-n // topo.x2apic_cluster_size)
         self.metrics = Metrics(n, noise, max_examples)
         self.oracle = Oracle(self)
         self.pool = PagePool(topo.numa_nodes)
         self.vpids = VpidBitmap()
         self.vms: dict[int, Kvm] = {}
-        self.next_root_id = 1
         self.now = 0
         self.this_cpu = 0  # smp_processor_id() of the code running for the current event
         self.reentry: list[KvmVcpu] = []  # vCPUs kicked out of guest mode during this event
-        self.irq: dict[int, float] = {}  # pCPU -> cost of the interruption open on it
+        # the interruption open on each pCPU during this event, and its cost so far
+        self.irq_open = np.zeros(n, bool)
+        self.irq_us = np.zeros(n, np.float64)
         strategy.attach(self)
 
     # --- accounting -------------------------------------------------------------------
     def charge(self, cpu: int, us: float) -> None:
         """Charge host time to an owned pCPU; inside an interruption it is also noise."""
         self.metrics.cpu_f["flush_overhead_us"][cpu] += us
-        if cpu in self.irq:
-            self.irq[cpu] += us
+        if self.irq_open[cpu]:
+            self.irq_us[cpu] += us
 
     # --- local flush instructions -----------------------------------------------------
     def invept_single(self, cpu: int, hpa: int) -> None:
@@ -193,7 +191,7 @@ class Host:
         e = self.tlb[cpu].pop(hpa, None)
         if e is None:
             return False
-        e.sp.holders.discard(cpu)
+        self.tlb_holders[hpa].discard(cpu)
         self.metrics.cpu_f["flush_overhead_us"][cpu] += self.cost.refill_us
         return True
 
@@ -204,8 +202,8 @@ class Host:
         self.metrics.cpu["invept_global"][cpu] += 1
         self.charge(cpu, self.cost.invept_global_us)
         tlb = self.tlb[cpu]
-        for e in tlb.values():
-            e.sp.holders.discard(cpu)
+        for hpa in tlb:
+            self.tlb_holders[hpa].discard(cpu)
         self.metrics.cpu_f["flush_overhead_us"][cpu] += self.cost.refill_us * len(tlb)
         tlb.clear()
 
@@ -231,61 +229,69 @@ class Host:
         e = tlb.get(root.hpa)
         if e is None:
             tlb[root.hpa] = TlbEntry(sp, sp.epoch)
+            self.tlb_holders.setdefault(root.hpa, set()).add(cpu)
         elif e.sp is not sp or e.epoch != sp.epoch:
             self.oracle.stale_use(cpu, vcpu, root, e)
-        sp.holders.add(cpu)
 
     # --- IPIs -------------------------------------------------------------------------
-    def send_ipis(self, src: int, cpus: Iterable[int], counter: str, handler: Callable[[int], None] | None = None) -> None:
-        """smp_call_function_many(mask, func, wait=1) from `src`; `handler` runs on each target.
+    def send_ipis(self, src: int, cpus: np.ndarray, counter: str, flush_hpa: int | None = None) -> None:
+        """smp_call_function_many(mask, func, wait=1) from `src` to the sorted, distinct pCPUs
+        `cpus`; with `flush_hpa`, func is kvm_flush_tlb_root (INVEPT single-context on that
+        EP4TA), otherwise it only acknowledges.
 
         An IPI that lands on a pCPU in guest mode forces a VM exit (external-interrupt exiting is
         always on in VMX); that vCPU re-enters after the event (Engine.finish_event), servicing
         its requests, all of it counted as one interruption of that pCPU. The kicks are VM-level
         state (every shard applies them, in pCPU order); receiving the IPI and running the
-        handler is per-pCPU work, done only for owned targets.
+        handler is per-pCPU work, done only for owned targets, for all of them at once: B sends
+        8191 of these per root allocation on an 8192-CPU host.
         """
-        targets = set(cpus)
-        targets.discard(src)
-        if not targets:
+        targets = cpus[cpus != src]
+        if not len(targets):
             return
         if self.owned[src]:
             self.charge(src, self.cost.ipi_send_us * self._icr_writes(targets))
-        kicked = self.guest_cpus & targets
-        for dst in sorted(kicked):
+        in_guest = self.guest_mode[targets]
+        for dst in targets[in_guest].tolist():
             vcpu = self.in_guest[dst]
             self.leave_guest(vcpu)
             self.reentry.append(vcpu)
-        for dst in targets & self._owned:
-            self._receive_ipi(dst, counter, dst in kicked)
-            if handler is not None:
-                handler(dst)
+        owned = self.owned[targets]
+        dst, kicked = targets[owned], targets[owned & in_guest]
+        m, c = self.metrics, self.cost
+        m.cpu[counter][dst] += 1
+        self.irq_open[dst] = True
+        self._charge_all(dst, c.ipi_receive_us)
+        m.cpu["vmexits_from_ipi"][kicked] += 1
+        self._charge_all(kicked, c.vmexit_us)
+        if flush_hpa is not None:
+            m.cpu["invept_single"][dst] += 1
+            self._charge_all(dst, c.invept_single_us)
+            for cpu in sorted(self.tlb_holders.get(flush_hpa, set()) & set(dst.tolist())):
+                self._drop(cpu, flush_hpa)
 
-    def _icr_writes(self, targets: set[int]) -> int:
+    def _charge_all(self, cpus: np.ndarray, us: float) -> None:
+        """charge() for distinct pCPUs that all have an interruption open."""
+        self.metrics.cpu_f["flush_overhead_us"][cpus] += us
+        self.irq_us[cpus] += us
+
+    def _icr_writes(self, targets: np.ndarray) -> int:
         """x2APIC cluster mode sends one ICR write per cluster with targets (physical mode: 1 per CPU)."""
         cluster = self.topo.x2apic_cluster_size
         if len(targets) == self.topo.nr_cpus - 1:  # a broadcast: every cluster still has a target
             return self._all_clusters if cluster > 1 else len(targets)
-        return len({c // cluster for c in targets})
-
-    def _receive_ipi(self, dst: int, counter: str, kicked: bool) -> None:
-        self.metrics.cpu[counter][dst] += 1
-        self.irq.setdefault(dst, 0.0)
-        self.charge(dst, self.cost.ipi_receive_us)
-        if kicked:
-            self.metrics.cpu["vmexits_from_ipi"][dst] += 1
-            self.charge(dst, self.cost.vmexit_us)
+        return len(np.unique(targets // cluster))
 
     # --- guest mode (VM-level: every shard tracks every pCPU) -------------------------
     def enter_guest(self, vcpu: KvmVcpu) -> None:
         vcpu.mode = IN_GUEST_MODE
         self.in_guest[vcpu.cpu] = vcpu
-        self.guest_cpus.add(vcpu.cpu)
+        self.guest_mode[vcpu.cpu] = True
 
     def leave_guest(self, vcpu: KvmVcpu) -> None:
         vcpu.mode = OUTSIDE_GUEST_MODE
         self.in_guest[vcpu.cpu] = None
-        self.guest_cpus.discard(vcpu.cpu)
+        self.guest_mode[vcpu.cpu] = False
 
     def hv_flush_guest_physical_address_space(self, src: int, hpa: int) -> None:
         """HvCallFlushGuestPhysicalAddressSpace: L0 drops EP4TA `hpa` on every pCPU.
@@ -296,14 +302,9 @@ class Host:
         self.metrics.vm["hv_flush_hypercalls"] += 1
         if self.owned[src]:
             self.charge(src, self.cost.hv_flush_hypercall_us)
-        for cpu in self.owned_cpus:
+        for cpu in sorted(self.tlb_holders.get(hpa, ())):
             if not self._drop(cpu, hpa):
                 continue
             vcpu = self.in_guest[cpu]
             if vcpu is not None and vcpu.arch.mmu.root.hpa == hpa:
                 self.tlb_enter(cpu, vcpu, vcpu.arch.mmu.root)
-
-    def alloc_root_id(self) -> int:
-        rid = self.next_root_id
-        self.next_root_id += 1
-        return rid

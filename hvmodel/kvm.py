@@ -113,7 +113,8 @@ class Kvm:
 
     def __init__(self, host: Host, vm_id: int, nr_vcpus: int, tdp_level: int, node: int):
         self.host, self.id, self.tdp_level, self.node = host, vm_id, tdp_level, node
-        self.roots: dict = {}  # every live root page of this VM, by id
+        self.roots: dict = {}  # every live root page of this VM, by id (1, 2, ... within the VM)
+        self.next_root_id = 0
         self.tdp_mmu_roots: list = []
         self.mmu_page_hash: dict = {}  # (gfn, role) -> shadow page
         self.mmu_valid_gen = 0

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from hvmodel.kvm_host import IN_GUEST_MODE, INVALID_PAGE, KVM_REQ_TLB_FLUSH, VALID_PAGE
 
 if TYPE_CHECKING:
@@ -30,7 +32,7 @@ def kvm_make_all_cpus_request(kvm: Kvm, req: int) -> None:
         vcpu.requests |= req
         if vcpu.mode == IN_GUEST_MODE:
             targets.append(vcpu.cpu)
-    host.send_ipis(host.this_cpu, targets, "ipi_flush")
+    host.send_ipis(host.this_cpu, np.unique(np.array(targets, np.int64)), "ipi_flush")
 
 
 def kvm_flush_remote_tlbs(kvm: Kvm) -> None:

@@ -86,15 +86,15 @@ class Metrics:
     def __init__(self, nr_cpus: int, noise: NoiseBudget, max_examples: int = 10):
         self.noise = noise
         self.max_examples = max_examples
-        self.cpu = {name: [0] * nr_cpus for name in PER_CPU_COUNTERS}
-        self.cpu_f = {name: [0.0] * nr_cpus for name in PER_CPU_FLOATS}
+        self.cpu = {name: np.zeros(nr_cpus, np.int64) for name in PER_CPU_COUNTERS}
+        self.cpu_f = {name: np.zeros(nr_cpus, np.float64) for name in PER_CPU_FLOATS}
         self.vm = dict.fromkeys(REPLICATED, 0)
         self.stale_by_kind = dict.fromkeys(HAZARDS, 0)
         self.examples: list[dict] = []
         self.cpumask_bytes = 0
         # open noise window per pCPU: index and accumulated noise
-        self._win = [-1] * nr_cpus
-        self._win_noise = [0.0] * nr_cpus
+        self._win = np.full(nr_cpus, -1, np.int64)
+        self._win_noise = np.zeros(nr_cpus, np.float64)
 
     # --- memory owned by strategies ---------------------------------------------------
     def mask_alloc(self, nbytes: int) -> None:
@@ -115,37 +115,34 @@ class Metrics:
             self.examples = first_examples([*ex, example()], self.max_examples)
 
     # --- noise ------------------------------------------------------------------------
-    def record_noise(self, cpu: int, t_ns: int, us: float) -> None:
-        """One interruption of `us` microseconds on `cpu` at time `t_ns`."""
-        if us < self.noise.threshold_us:
-            return
+    def record_noise(self, cpus: np.ndarray, t_ns: int, us: np.ndarray) -> None:
+        """One interruption on each of `cpus` (distinct pCPUs) at time `t_ns`, of `us`
+        microseconds each. Vectorised: a broadcast interrupts thousands of pCPUs at once."""
+        keep = us >= self.noise.threshold_us
+        cpus, us = cpus[keep], us[keep]
         f = self.cpu_f
-        f["noise_us"][cpu] += us
-        self.cpu["noise_events"][cpu] += 1
-        if us > f["noise_max_single_us"][cpu]:
-            f["noise_max_single_us"][cpu] = us
+        f["noise_us"][cpus] += us
+        self.cpu["noise_events"][cpus] += 1
+        f["noise_max_single_us"][cpus] = np.maximum(f["noise_max_single_us"][cpus], us)
         w = t_ns // (self.noise.period_us * 1000)
-        if w != self._win[cpu]:
-            self._close_window(cpu)
-            self._win[cpu] = w
-        self._win_noise[cpu] += us
+        moving = cpus[self._win[cpus] != w]
+        self._close_windows(moving)
+        self._win[moving] = w
+        self._win_noise[cpus] += us
 
-    def _close_window(self, cpu: int) -> None:
-        noise = self._win_noise[cpu]
-        if noise > self.cpu_f["noise_max_window_us"][cpu]:
-            self.cpu_f["noise_max_window_us"][cpu] = noise
-        if noise > self.noise.budget_us:
-            self.cpu["rt_budget_violations"][cpu] += 1
-        self._win_noise[cpu] = 0.0
+    def _close_windows(self, cpus: np.ndarray) -> None:
+        noise = self._win_noise[cpus]
+        self.cpu_f["noise_max_window_us"][cpus] = np.maximum(self.cpu_f["noise_max_window_us"][cpus], noise)
+        self.cpu["rt_budget_violations"][cpus] += noise > self.noise.budget_us
+        self._win_noise[cpus] = 0.0
 
     def result(self) -> dict:
         """Close open noise windows and return plain, picklable arrays and dicts."""
-        for cpu, w in enumerate(self._win):
-            if w >= 0:
-                self._close_window(cpu)
-                self._win[cpu] = -1
-        per_cpu = {k: np.asarray(v, dtype=np.int64) for k, v in self.cpu.items()}
-        per_cpu.update({k: np.asarray(v, dtype=np.float64) for k, v in self.cpu_f.items()})
+        open_ = np.flatnonzero(self._win >= 0)
+        self._close_windows(open_)
+        self._win[open_] = -1
+        per_cpu = {k: v.copy() for k, v in self.cpu.items()}
+        per_cpu.update({k: v.copy() for k, v in self.cpu_f.items()})
         return {
             "per_cpu": per_cpu,
             "vm": dict(self.vm),

@@ -74,7 +74,6 @@ class KvmMmuPage:
         "tdp_mmu_page",
         "tdp_mmu_scheduled_root_to_zap",
         "mmu_valid_gen",
-        "holders",
     )
 
     def __init__(self, rid: int, kvm: Kvm, role: KvmMmuPageRole, gfn: int, hpa: int, tdp: bool):
@@ -85,7 +84,6 @@ class KvmMmuPage:
         self.tdp_mmu_page = tdp
         self.tdp_mmu_scheduled_root_to_zap = False  # the TDP MMU's reference is still to be put
         self.mmu_valid_gen = kvm.mmu_valid_gen
-        self.holders: set[int] = set()  # owned pCPUs that cached this root (oracle bookkeeping)
 
     def __repr__(self) -> str:
         kind = "tdp" if self.tdp_mmu_page else "shadow"
@@ -135,7 +133,8 @@ def kvm_init_mmu(vcpu: KvmVcpu) -> None:
 def kvm_mmu_alloc_root_page(kvm: Kvm, role: KvmMmuPageRole, gfn: int, tdp: bool) -> KvmMmuPage:
     """tdp_mmu_alloc_sp() / kvm_mmu_alloc_shadow_page(): a page from the VM's node."""
     host = kvm.host
-    sp = KvmMmuPage(host.alloc_root_id(), kvm, role, gfn, host.pool.alloc(kvm.node), tdp)
+    kvm.next_root_id += 1
+    sp = KvmMmuPage(kvm.next_root_id, kvm, role, gfn, host.pool.alloc(kvm.node), tdp)
     kvm.roots[sp.id] = sp
     host.metrics.vm["root_allocs"] += 1
     host.strategy.root_created(sp)

@@ -83,7 +83,7 @@ class Oracle:
         for sp in kvm.roots.values():
             if flushed_hpas is not None and sp.hpa in flushed_hpas:
                 continue
-            for cpu in sp.holders:
+            for cpu in host.tlb_holders.get(sp.hpa, ()):
                 if flushed_hpas is not None or cpu not in loaded:
                     e = host.tlb[cpu].get(sp.hpa)
                     if e is not None and e.sp is sp:

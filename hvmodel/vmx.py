@@ -9,6 +9,8 @@ from __future__ import annotations
 import heapq
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from hvmodel.kvm_host import (
     DUMMY_ROOT_HPA,
     KVM_MMU_NUM_PREV_ROOTS,
@@ -72,7 +74,7 @@ def loaded_vmcs_clear(host: Host, vmcs: LoadedVmcs) -> None:
     """smp_call_function_single(vmcs->cpu, __loaded_vmcs_clear, wait=1) unless local."""
     if vmcs.cpu != -1:
         if vmcs.cpu != host.this_cpu:
-            host.send_ipis(host.this_cpu, [vmcs.cpu], "ipi_vmclear")
+            host.send_ipis(host.this_cpu, np.array([vmcs.cpu]), "ipi_vmclear")
         vmcs.cpu = -1
 
 

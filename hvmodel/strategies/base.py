@@ -24,6 +24,7 @@ NR_CPUS = 8192
 PAGE_SIZE = 4096
 _KMALLOC_CLASSES = (8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192)
 MASK_SIZINGS = ("nr_cpu_ids", "NR_CPUS")
+MMUS = ("root_mmu", "guest_mmu")  # the MMUs whose roots can be in hardware TLBs
 
 
 def kmalloc_size(nbytes: int) -> int:
@@ -111,10 +112,11 @@ class KernelDefaults:
         pass
 
 
-def reachable_roots(vcpu: KvmVcpu):
+def reachable_roots(vcpu: KvmVcpu, mmus: tuple[str, ...] = MMUS, prev_roots: bool = True):
     """Roots the vCPU can run on without kvm_mmu_load(): root + prev_roots of root_mmu and
     guest_mmu (nested_mmu never holds an EPTP). At most 2 x (1 + 3) = 8."""
-    for mmu in (vcpu.arch.root_mmu, vcpu.arch.guest_mmu):
-        for root in (mmu.root, *mmu.prev_roots):
+    for name in mmus:
+        mmu = getattr(vcpu.arch, name)
+        for root in (mmu.root, *mmu.prev_roots) if prev_roots else (mmu.root,):
             if VALID_PAGE(root.hpa):
                 yield root

@@ -24,8 +24,9 @@ class IpiAllOnAlloc(KernelDefaults):
         self.flush_root_on(vcpu.cpu, self.host.online_cpus, sp)
 
     def flush_root_on(self, this_cpu, cpus, sp):
-        """on_each_cpu()/on_each_cpu_mask(): run locally if this CPU is in the set, IPI the rest."""
+        """on_each_cpu()/on_each_cpu_mask() with kvm_flush_tlb_root: run it locally if this CPU
+        is in the (sorted) set, IPI the rest."""
         host = self.host
         if this_cpu in cpus:
             host.invept_single(this_cpu, sp.hpa)
-        host.send_ipis(this_cpu, cpus, "ipi_flush", lambda cpu: host.invept_single(cpu, sp.hpa))
+        host.send_ipis(this_cpu, cpus, "ipi_flush", flush_hpa=sp.hpa)

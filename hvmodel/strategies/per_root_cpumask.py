@@ -7,7 +7,14 @@ level >= 4) and freed with it (tdp_mmu_free_sp / kvm_mmu_free_shadow_page), so a
 re-found in the hash keeps its mask. Memory: one cpumask_var_t per root.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from hvmodel.strategies.active_roots import ActiveRoots
+
+if TYPE_CHECKING:
+    from hvmodel.mmu import KvmMmuPage
 
 
 class PerRootCpumask(ActiveRoots):
@@ -15,18 +22,18 @@ class PerRootCpumask(ActiveRoots):
 
     def __init__(self, mask_sizing: str = "nr_cpu_ids"):
         super().__init__(mask_sizing)
-        self.cpu_flushed_mask: dict[int, set[int]] = {}  # root id -> pCPUs that flushed it
+        self.cpu_flushed_mask: dict[KvmMmuPage, set[int]] = {}  # root -> pCPUs that flushed it
 
     def root_created(self, sp):
-        self.cpu_flushed_mask[sp.id] = set()
+        self.cpu_flushed_mask[sp] = set()
         self.host.metrics.mask_alloc(self.mask_bytes)
 
     def root_freed(self, sp):
-        del self.cpu_flushed_mask[sp.id]
+        del self.cpu_flushed_mask[sp]
         self.host.metrics.mask_free(self.mask_bytes)
 
     def needs_flush(self, sp, cpu):
-        mask = self.cpu_flushed_mask[sp.id]  # test, then set (review aKT_0Zuj2MBRrh6p)
+        mask = self.cpu_flushed_mask[sp]  # test, then set (review aKT_0Zuj2MBRrh6p)
         if cpu in mask:
             return False
         mask.add(cpu)

@@ -14,5 +14,5 @@ class PerRootCpumaskClear(PerRootCpumask):
 
     def flush_remote_tlbs(self, kvm):
         for sp in kvm.roots.values():
-            self.cpu_flushed_mask[sp.id].clear()
+            self.cpu_flushed_mask[sp].clear()
         super().flush_remote_tlbs(kvm)

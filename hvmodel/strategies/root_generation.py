@@ -7,8 +7,15 @@ already flushed it at the current generation. Memory: a u32 per (root, pCPU), al
 per-root array of nr_cpu_ids entries.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from hvmodel.strategies.active_roots import ActiveRoots
 from hvmodel.strategies.base import kmalloc_size, mask_cpus
+
+if TYPE_CHECKING:
+    from hvmodel.mmu import KvmMmuPage
 
 
 class RootGeneration(ActiveRoots):
@@ -16,24 +23,24 @@ class RootGeneration(ActiveRoots):
 
     def __init__(self, mask_sizing: str = "nr_cpu_ids"):
         super().__init__(mask_sizing)
-        self.gen: dict[int, int] = {}  # root id -> generation
-        self.flushed_gen: dict[int, dict[int, int]] = {}  # root id -> {pCPU: generation}
+        self.gen: dict[KvmMmuPage, int] = {}  # root -> generation
+        self.flushed_gen: dict[KvmMmuPage, dict[int, int]] = {}  # root -> {pCPU: generation}
 
     def attach(self, host):
         super().attach(host)
         self.table_bytes = kmalloc_size(4 * mask_cpus(host.topo.nr_cpus, self.mask_sizing))  # u32 per pCPU
 
     def root_created(self, sp):
-        self.gen[sp.id] = 0
-        self.flushed_gen[sp.id] = {}
+        self.gen[sp] = 0
+        self.flushed_gen[sp] = {}
         self.host.metrics.mask_alloc(self.table_bytes)
 
     def root_freed(self, sp):
-        del self.gen[sp.id], self.flushed_gen[sp.id]
+        del self.gen[sp], self.flushed_gen[sp]
         self.host.metrics.mask_free(self.table_bytes)
 
     def needs_flush(self, sp, cpu):
-        gen, seen = self.gen[sp.id], self.flushed_gen[sp.id]
+        gen, seen = self.gen[sp], self.flushed_gen[sp]
         if seen.get(cpu) == gen:
             return False
         seen[cpu] = gen
@@ -41,5 +48,5 @@ class RootGeneration(ActiveRoots):
 
     def flush_remote_tlbs(self, kvm):
         for sp in kvm.roots.values():
-            self.gen[sp.id] += 1
+            self.gen[sp] += 1
         super().flush_remote_tlbs(kvm)

@@ -8,6 +8,8 @@ of kvm_mmu_load() is gone [inferred: C only changes B's scope]. Remote flushes a
 Memory: one cpumask per VM.
 """
 
+import numpy as np
+
 from hvmodel.strategies.ipi_all_on_alloc import IpiAllOnAlloc
 
 
@@ -36,4 +38,4 @@ class VmEverRanMask(IpiAllOnAlloc):
                 self.host.invept_single(cpu, sp.hpa)
 
     def root_allocated(self, vcpu, sp):
-        self.flush_root_on(vcpu.cpu, self.ever_ran[vcpu.kvm.id], sp)
+        self.flush_root_on(vcpu.cpu, np.array(sorted(self.ever_ran[vcpu.kvm.id]), np.int64), sp)
