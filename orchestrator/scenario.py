@@ -16,6 +16,7 @@ from hvmodel.cost import CostModel
 from hvmodel.errors import ConfigError
 from hvmodel.host import Topology
 from hvmodel.metrics import NoiseBudget
+from hvmodel.strategies.base import check_environment
 from hvmodel.trace import Trace
 from hvmodel.workload import Workload
 
@@ -59,10 +60,7 @@ def build_scenario(cfg: DictConfig) -> Scenario:
     """Instantiate host, workload, strategy, cost and noise, then cross-check them."""
     topo = instantiate_group(cfg, "host")
     strategy = instantiate_group(cfg, "strategy")
-    if topo.env not in strategy.environments:
-        raise ConfigError(
-            "host.env", f"strategy {strategy.name} runs only with host.env in {list(strategy.environments)}, got {topo.env!r}"
-        )
+    check_environment(strategy, topo.env)
     workload = instantiate_group(cfg, "workload")
     workload.check(topo)
     if not isinstance(cfg.seed, int) or cfg.seed < 0:

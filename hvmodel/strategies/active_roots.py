@@ -19,6 +19,7 @@ from hvmodel.vmx import vmx_flush_tlb_ept_root
 
 class ActiveRoots(KernelDefaults):
     name = "active_roots"
+    fast_code = 3  # hvmodel/fast/src/policy.h
 
     def __init__(self, mask_sizing: str = "nr_cpu_ids", mmus: tuple[str, ...] = MMUS, prev_roots: bool = True):
         super().__init__(mask_sizing)

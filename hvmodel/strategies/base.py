@@ -47,6 +47,17 @@ def mask_cpus(nr_cpu_ids: int, sizing: str) -> int:
     return nr_cpu_ids if sizing == "nr_cpu_ids" else NR_CPUS
 
 
+def strategy_memory(nr_cpu_ids: int, sizing: str) -> tuple[int, int]:
+    """Bytes of one strategy cpumask (cpumask_var_t) and of one generation table (a u32 per
+    pCPU, strategy F), as allocated."""
+    return cpumask_bytes(nr_cpu_ids, sizing), kmalloc_size(4 * mask_cpus(nr_cpu_ids, sizing))
+
+
+def check_environment(strategy: FlushStrategy, env: str) -> None:
+    if env not in strategy.environments:
+        raise ConfigError("host.env", f"strategy {strategy.name} runs only with host.env in {list(strategy.environments)}, got {env!r}")
+
+
 class FlushStrategy(Protocol):
     name: str
     environments: tuple[str, ...]  # where the strategy can run
@@ -76,10 +87,9 @@ class KernelDefaults:
         self.host: Host | None = None
 
     def attach(self, host: Host) -> None:
-        if host.env not in self.environments:
-            raise ConfigError("host.env", f"strategy {self.name} runs only with host.env in {list(self.environments)}, got {host.env!r}")
+        check_environment(self, host.env)
         self.host = host
-        self.mask_bytes = cpumask_bytes(host.topo.nr_cpus, self.mask_sizing)  # one cpumask_var_t
+        self.mask_bytes, self.table_bytes = strategy_memory(host.topo.nr_cpus, self.mask_sizing)
 
     def vcpu_migrated(self, vcpu: KvmVcpu, cpu: int) -> None:
         """vmx_vcpu_load_vmcs() on a new pCPU: flush all EPTP/VPID contexts at next entry."""

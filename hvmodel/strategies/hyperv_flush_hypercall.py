@@ -13,6 +13,7 @@ from hvmodel.strategies.base import KernelDefaults
 
 class HypervFlushHypercall(KernelDefaults):
     name = "hyperv_flush_hypercall"
+    fast_code = 7  # hvmodel/fast/src/policy.h
     environments = ("hyperv",)
 
     def vcpu_migrated(self, vcpu, cpu):

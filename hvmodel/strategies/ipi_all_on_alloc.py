@@ -13,6 +13,7 @@ from hvmodel.strategies.base import KernelDefaults
 
 class IpiAllOnAlloc(KernelDefaults):
     name = "ipi_all_on_alloc"
+    fast_code = 1  # hvmodel/fast/src/policy.h
 
     def vcpu_migrated(self, vcpu, cpu):
         pass

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 class PerRootCpumask(ActiveRoots):
     name = "per_root_cpumask"
+    fast_code = 4  # hvmodel/fast/src/policy.h
 
     def __init__(self, mask_sizing: str = "nr_cpu_ids"):
         super().__init__(mask_sizing)

@@ -11,6 +11,7 @@ from hvmodel.strategies.per_root_cpumask import PerRootCpumask
 
 class PerRootCpumaskClear(PerRootCpumask):
     name = "per_root_cpumask_clear"
+    fast_code = 5  # hvmodel/fast/src/policy.h
 
     def flush_remote_tlbs(self, kvm):
         for sp in kvm.roots.values():

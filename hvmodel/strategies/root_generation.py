@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hvmodel.strategies.active_roots import ActiveRoots
-from hvmodel.strategies.base import kmalloc_size, mask_cpus
 
 if TYPE_CHECKING:
     from hvmodel.mmu import KvmMmuPage
@@ -20,15 +19,12 @@ if TYPE_CHECKING:
 
 class RootGeneration(ActiveRoots):
     name = "root_generation"
+    fast_code = 6  # hvmodel/fast/src/policy.h
 
     def __init__(self, mask_sizing: str = "nr_cpu_ids"):
         super().__init__(mask_sizing)
         self.gen: dict[KvmMmuPage, int] = {}  # root -> generation
         self.flushed_gen: dict[KvmMmuPage, dict[int, int]] = {}  # root -> {pCPU: generation}
-
-    def attach(self, host):
-        super().attach(host)
-        self.table_bytes = kmalloc_size(4 * mask_cpus(host.topo.nr_cpus, self.mask_sizing))  # u32 per pCPU
 
     def root_created(self, sp):
         self.gen[sp] = 0

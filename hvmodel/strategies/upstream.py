@@ -11,3 +11,4 @@ from hvmodel.strategies.base import KernelDefaults
 
 class Upstream(KernelDefaults):
     name = "upstream"
+    fast_code = 0  # hvmodel/fast/src/policy.h

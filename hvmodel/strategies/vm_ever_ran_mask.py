@@ -15,6 +15,7 @@ from hvmodel.strategies.ipi_all_on_alloc import IpiAllOnAlloc
 
 class VmEverRanMask(IpiAllOnAlloc):
     name = "vm_ever_ran_mask"
+    fast_code = 2  # hvmodel/fast/src/policy.h
 
     def __init__(self, mask_sizing: str = "nr_cpu_ids"):
         super().__init__(mask_sizing)

@@ -1,0 +1,126 @@
+// hvmodel.fast._engine: the compiled engine, one State per hvmodel.fast.engine.FastEngine.
+//
+// replay() reads records straight from a chunk of the binary trace (hvmodel.trace.EVENT_DTYPE,
+// packed: engine.py checks the layout against EVENT_LAYOUT) and releases the GIL while it runs.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+
+#include "kvm.h"
+
+namespace py = pybind11;
+using namespace hv;
+
+#ifndef HV_SOURCE_DIGEST
+#define HV_SOURCE_DIGEST "unknown"
+#endif
+
+namespace {
+
+// itemsize, then the offsets of time_ns, kind, vm, vcpu, pcpu, arg
+constexpr i64 EVENT_LAYOUT[] = {29, 0, 8, 9, 13, 17, 21};
+
+template <class T>
+T field(const char* p, i64 offset) {
+    T value;
+    std::memcpy(&value, p + offset, sizeof value);  // the records are packed: fields are unaligned
+    return value;
+}
+
+class Engine {
+   public:
+    explicit Engine(const Config& c) : s(c) {}
+
+    // Replay a chunk of records; returns how many were done (fewer than the chunk on an error).
+    i64 replay(py::buffer chunk) {
+        py::buffer_info b = chunk.request();
+        if (b.itemsize != EVENT_LAYOUT[0] || b.ndim != 1 || (b.shape[0] > 1 && b.strides[0] != b.itemsize))
+            throw std::invalid_argument("replay() needs a contiguous array of hvmodel.trace.EVENT_DTYPE records");
+        const char* p = static_cast<const char*>(b.ptr);
+        const i64 n = b.shape[0];
+        py::gil_scoped_release unlocked;
+        for (i64 i = 0; i < n; i++, p += EVENT_LAYOUT[0]) {
+            s.now = field<i64>(p, EVENT_LAYOUT[1]);
+            dispatch(s, field<uint8_t>(p, EVENT_LAYOUT[2]), field<int32_t>(p, EVENT_LAYOUT[3]), field<int32_t>(p, EVENT_LAYOUT[4]),
+                     field<int32_t>(p, EVENT_LAYOUT[5]), field<i64>(p, EVENT_LAYOUT[6]));
+            if (s.err) return i;
+            finish_event(s, s.now);
+            s.events++;
+        }
+        return n;
+    }
+
+    // Metrics.result(), as arrays: close the open noise windows first (call once, at the end).
+    py::tuple result() {
+        close_all_windows(s);
+        s.vmc[EVENTS] = s.events;
+        auto matrix = [](const auto& v, i64 rows, i64 cols) {
+            using T = typename std::decay_t<decltype(v)>::value_type;
+            py::array_t<T> a({rows, cols});
+            std::copy(v.begin(), v.begin() + rows * cols, a.mutable_data());
+            return a;
+        };
+        std::vector<i64> vmc(s.vmc, s.vmc + N_REPLICATED), stale(s.stale_kind, s.stale_kind + N_HAZARDS);
+        return py::make_tuple(matrix(s.cnt, N_COUNTERS, s.n_cpus), matrix(s.flt, N_FLOATS, s.n_cpus), vmc, stale,
+                              matrix(s.ex, s.ex_n, N_EX));
+    }
+
+    py::tuple error() const { return py::make_tuple(s.err, std::vector<i64>(s.err_args, s.err_args + 4)); }
+
+    // (VM id, vCPU index, pCPU) of a vCPU slot, for error messages
+    py::tuple vcpu(i64 v) const { return py::make_tuple(s.vm_ext[s.v_vm[v]], s.v_idx[v], s.v_cpu[v]); }
+
+   private:
+    State s;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_engine, m) {
+    m.doc() = "The compiled hvbench engine (hvmodel/fast/src); use hvmodel.fast.engine.FastEngine.";
+    py::class_<Config>(m, "Config")
+        .def(py::init<>())
+        .def_readwrite("n_cpus", &Config::n_cpus)
+        .def_readwrite("n_nodes", &Config::n_nodes)
+        .def_readwrite("hyperv", &Config::hyperv)
+        .def_readwrite("ept_ad", &Config::ept_ad)
+        .def_readwrite("cluster", &Config::cluster)
+        .def_readwrite("owned", &Config::owned)
+        .def_property("cost", [](const Config& c) { return std::vector<double>(c.cost, c.cost + N_COSTS); },
+                      [](Config& c, const std::vector<double>& v) {
+                          if (v.size() != N_COSTS) throw std::invalid_argument("cost: wrong length");
+                          std::copy(v.begin(), v.end(), c.cost);
+                      })
+        .def_readwrite("noise_period_ns", &Config::noise_period_ns)
+        .def_readwrite("noise_threshold_us", &Config::noise_threshold_us)
+        .def_readwrite("noise_budget_us", &Config::noise_budget_us)
+        .def_readwrite("max_examples", &Config::max_examples)
+        .def_readwrite("policy", &Config::policy)
+        .def_readwrite("mmus", &Config::mmus)
+        .def_readwrite("prev_roots", &Config::prev_roots)
+        .def_readwrite("mask_bytes", &Config::mask_bytes)
+        .def_readwrite("table_bytes", &Config::table_bytes);
+    py::class_<Engine>(m, "Engine")
+        .def(py::init<const Config&>())
+        .def("replay", &Engine::replay)
+        .def("result", &Engine::result)
+        .def("error", &Engine::error)
+        .def("vcpu", &Engine::vcpu);
+    m.attr("SOURCE_DIGEST") = HV_SOURCE_DIGEST;
+    m.attr("EVENT_LAYOUT") = py::make_tuple(EVENT_LAYOUT[0], EVENT_LAYOUT[1], EVENT_LAYOUT[2], EVENT_LAYOUT[3],
+                                            EVENT_LAYOUT[4], EVENT_LAYOUT[5], EVENT_LAYOUT[6]);
+    m.attr("PER_CPU_COUNTERS") = py::make_tuple("ipi_flush", "ipi_vmclear", "vmexits_from_ipi", "invept_single", "invept_global",
+                                                "invvpid", "migrations", "stale_tlb_uses", "noise_events", "rt_budget_violations");
+    m.attr("PER_CPU_FLOATS") = py::make_tuple("flush_overhead_us", "noise_us", "noise_max_single_us", "noise_max_window_us");
+    m.attr("REPLICATED") = py::make_tuple("events", "root_allocs", "root_frees", "remote_flushes", "hv_flush_hypercalls",
+                                          "vpid_exhausted", "cpumask_bytes_peak");
+    m.attr("HAZARDS") = py::make_tuple("h1", "h4", "h3", "h5", "h2");
+    m.attr("COST_FIELDS") = py::make_tuple("ipi_send_us", "ipi_receive_us", "vmexit_us", "invept_single_us", "invept_global_us",
+                                           "invvpid_us", "vmcs_migrate_us", "refill_us", "hv_flush_hypercall_us");
+    m.attr("EXAMPLE_FIELDS") = py::make_tuple("t_ns", "pcpu", "vm", "vcpu", "kind", "mmu", "root", "hpa", "epoch", "cached_root",
+                                              "cached_vm", "cached_epoch");
+    m.attr("POLICIES") = py::make_tuple("upstream", "ipi_all_on_alloc", "vm_ever_ran_mask", "active_roots", "per_root_cpumask",
+                                        "per_root_cpumask_clear", "root_generation", "hyperv_flush_hypercall");
+}
