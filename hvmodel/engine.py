@@ -68,6 +68,8 @@ ON_HOST_CPU: dict[int, Callable] = {
 class Engine:
     """Owns one Host (all pCPUs, or the pCPUs of `owned_nodes` for a shard)."""
 
+    engine = "reference"
+
     def __init__(
         self,
         topo: Topology,
@@ -186,6 +188,9 @@ def simulate(trace: Trace, topo: Topology, strategy: FlushStrategy, engine=None,
     summary = summarize(result, topo.rt_mask(), trace.duration_ns / 1e9)
     summary.update(timing(summary["events"], replay, gen))
     return result, summary
+
+
+TIMING_KEYS = ("sim_wall_s", "events_per_s", "gen_wall_s")  # how fast it ran, not what it found
 
 
 def timing(events: int, replay_s: float, gen_s: float) -> dict:

@@ -14,6 +14,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from hvmodel.engine import timing
 from hvmodel.errors import ConfigError
 from hvmodel.metrics import summarize
 from hvmodel.trace import TraceError, save_binary
@@ -86,13 +87,13 @@ def run(cfg: DictConfig) -> dict:
         result = run_shards(scenario, cluster, cfg.shards, progress)
         wall = time.perf_counter() - t0
         summary = summarize(result, scenario.topo.rt_mask(), result["duration_ns"] / 1e9)
-        replay = max(s["wall_s"] for s in result["shards"])  # the slowest shard's emulator time
-        summary["sim_wall_s"] = replay
-        summary["events_per_s"] = summary["events"] / replay if replay > 0 else 0.0
-        summary["job_wall_s"] = wall  # with Ray actor start-up and result transfer
+        # the slowest shard's replay, and its trace generation, apart; job_wall_s has Ray start-up too
+        slowest = max(result["shards"], key=lambda s: s["replay_s"] + s["gen_s"])
+        summary.update(timing(summary["events"], slowest["replay_s"], slowest["gen_s"]))
+        summary["job_wall_s"] = wall
         summary["shards"] = len(result["shards"])
         write_artifacts(out, summary, result, scenario, run_name)
-        job.set_tags({"ray_nodes": ",".join(str(s["node_id"]) for s in result["shards"])})
+        job.set_tags({"ray_nodes": ",".join(str(s["node_id"]) for s in result["shards"]), "engine": result["engine"]})
         job.log_metrics(summary)
         job.log_artifacts(out, "run")
     print(report.stale_verdict(summary, result["examples"], scenario.strategy.name))

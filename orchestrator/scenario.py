@@ -5,7 +5,9 @@ Everything is instantiated from `_target_`; this module never dispatches on name
 
 from __future__ import annotations
 
+import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hydra.errors import InstantiationException
@@ -14,13 +16,14 @@ from omegaconf import DictConfig
 
 from hvmodel.cost import CostModel
 from hvmodel.errors import ConfigError
+from hvmodel.fast.engine import FastEngine
 from hvmodel.host import Topology
 from hvmodel.metrics import NoiseBudget
 from hvmodel.strategies.base import check_environment
 from hvmodel.trace import Trace
 from hvmodel.workload import Workload
 
-GROUPS = ("host", "workload", "strategy", "cost", "noise", "cluster", "tracking")
+GROUPS = ("host", "workload", "strategy", "cost", "noise", "cluster", "tracking", "engine")
 
 
 @dataclass
@@ -33,11 +36,16 @@ class Scenario:
     cost: CostModel
     noise: NoiseBudget
     seed: int
-    ept_ad: bool = True
+    engine: Callable = FastEngine  # called (topo, strategy, cost, noise, owned_nodes=...)
     max_examples: int = 10
 
     def make_trace(self) -> Trace:
         return self.workload.trace(self.topo, self.seed)
+
+    def make_engine(self, owned_nodes=None):
+        """An engine for the pCPUs of `owned_nodes` (all if None), with its own copy of the
+        strategy: the reference's strategies keep state and are attached to one host."""
+        return self.engine(self.topo, copy.deepcopy(self.strategy), self.cost, self.noise, owned_nodes=owned_nodes)
 
 
 def instantiate_group(cfg: DictConfig, group: str):
@@ -74,6 +82,6 @@ def build_scenario(cfg: DictConfig) -> Scenario:
         cost=instantiate_group(cfg, "cost"),
         noise=instantiate_group(cfg, "noise"),
         seed=cfg.seed,
-        ept_ad=bool(cfg.engine.ept_ad),
+        engine=instantiate_group(cfg, "engine"),
         max_examples=int(cfg.engine.max_examples),
     )

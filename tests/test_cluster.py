@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from hvmodel.engine import TIMING_KEYS
+
 from conftest import HVBENCH, REPO
 
 CLUSTER = """
@@ -76,7 +78,7 @@ def test_sharded_sweep_on_two_node_cluster_equals_local(tmp_path):
     for strategy, run in on_cluster.items():
         assert len(set(run.data.tags["ray_nodes"].split(","))) == 2, "the two shards ran on different nodes"
         assert run.data.metrics["shards"] == 2
-        timing = {"sim_wall_s", "events_per_s", "job_wall_s"}
+        timing = {*TIMING_KEYS, "job_wall_s"}
         got = {k: v for k, v in run.data.metrics.items() if k not in timing}
         want = {k: v for k, v in local[strategy].data.metrics.items() if k not in timing}
         assert got == want

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from hvmodel.engine import TIMING_KEYS
 from hvmodel.host import Topology
 from hvmodel.trace import Ev
 from hvmodel.workload import Overcommit, PartitionedPinned
@@ -161,7 +162,7 @@ def test_saved_trace_replays_to_the_same_result(tmp_path, tracking_uri, ray_sess
         )
     )
     again = run(compose_cfg(["workload=trace", f"workload.path={saved}", f"tracking.tracking_uri={tracking_uri}"], tmp_path / "b"))
-    timing = {"sim_wall_s", "events_per_s", "job_wall_s"}
+    timing = {*TIMING_KEYS, "job_wall_s"}
     assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in first.items() if k not in timing}
     assert first["events"] > 1000
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from hvmodel.cost import CostModel
-from hvmodel.engine import Engine, simulate
+from hvmodel.engine import TIMING_KEYS, Engine, simulate
 from hvmodel.errors import ConfigError
 from hvmodel.host import Topology
 from hvmodel.kvm_host import INVALID_ROOT, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KvmMmuPageRole
@@ -48,7 +48,7 @@ TDP_L1 = KvmMmuPageRole(level=4, direct=True, guest_mode=False, smm=False, ad_di
 TDP_SMM = TDP_L1._replace(smm=True)
 TDP_L2 = TDP_L1._replace(guest_mode=True)
 SHADOW_EPT = KvmMmuPageRole(level=4, direct=False, guest_mode=True, smm=False, ad_disabled=False)
-IGNORED = ("sim_wall_s", "events_per_s", "gen_wall_s")
+IGNORED = TIMING_KEYS
 
 
 # --- helpers ---------------------------------------------------------------------------------
