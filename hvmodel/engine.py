@@ -79,10 +79,16 @@ class Engine:
         owned_nodes: Iterable[int] | None = None,
         ept_ad: bool = True,
         max_examples: int = 10,
+        local_nodes: Iterable[int] | None = None,
     ):
+        """`owned_nodes`: the pCPUs whose TLBs and counters this engine keeps (all if None).
+        `local_nodes`: a split shard, replaying only the events of those nodes' VMs (see
+        remote_on_each_cpu, take_outbox, take_mask_series)."""
         self.events = 0  # events replayed so far
         self.sim_ns = 0  # simulated time reached
-        self.host = Host(topo, strategy, cost or CostModel(), noise or NoiseBudget(), owned_nodes, ept_ad, max_examples)
+        cost, noise = cost or CostModel(), noise or NoiseBudget()
+        self.host = Host(topo, strategy, cost, noise, owned_nodes, ept_ad, max_examples, local_nodes)
+        self.mask_series: list[tuple[int, int, int]] = []  # split: (event, peak excursion, change) of mask bytes
 
     # --- dispatch ---------------------------------------------------------------------
     def dispatch(self, kind: int, vm: int, i: int, cpu: int, arg: int) -> None:
@@ -124,11 +130,36 @@ class Engine:
 
     # --- the loop ---------------------------------------------------------------------
     def step(self, t: int, kind: int, vm: int, vcpu: int, cpu: int, arg: int) -> None:
-        host = self.host
+        host, m = self.host, self.host.metrics
         host.now = t
+        level = m.event_peak = m.cpumask_bytes
         self.dispatch(kind, vm, vcpu, cpu, arg)
         if host.reentry or host.irq_open.any():
             self.finish_event(t)
+        if host.split and (m.event_peak > level or m.cpumask_bytes != level):
+            self.mask_series.append((host.event, m.event_peak - level, m.cpumask_bytes - level))
+
+    # --- a split shard ----------------------------------------------------------------
+    def remote_on_each_cpu(self, t: int, broadcasts: list[tuple[int, int]]) -> None:
+        """Another shard's event at time t broadcast kvm_flush_tlb_root to every online pCPU:
+        each (src pCPU, hpa) reaches this shard's pCPUs as in the unsplit run (kicks, IPIs,
+        INVEPTs), then the event ends here as it ended there."""
+        host = self.host
+        host.now = t
+        for src, hpa in broadcasts:
+            host.send_ipis(src, host.local_cpus, "ipi_flush", flush_hpa=hpa)
+        self.finish_event(t)
+
+    def take_outbox(self) -> list[tuple[int, int, int]]:
+        """The on_each_cpu broadcasts so far that left this shard: (event index, src, hpa)."""
+        out, self.host.outbox = self.host.outbox, []
+        return out
+
+    def take_mask_series(self) -> list[tuple[int, int, int]]:
+        """Per event that changed strategy memory: (event index, the most bytes above the level
+        before it, the change) -- what the whole host's cpumask_bytes_peak is made of."""
+        out, self.mask_series = self.mask_series, []
+        return out
 
     def finish_event(self, t: int) -> None:
         """vCPUs kicked out of guest mode by this event's IPIs re-enter (servicing whatever
@@ -148,6 +179,7 @@ class Engine:
         index = self.events
         cols = [chunk[f].tolist() for f in FIELDS]
         for t, kind, vm, vcpu, cpu, arg in zip(*cols):
+            self.host.event = index
             try:
                 self.step(t, kind, vm, vcpu, cpu, arg)
             except TraceError as e:

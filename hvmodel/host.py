@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hvmodel.cost import CostModel
-from hvmodel.errors import ConfigError
+from hvmodel.errors import ConfigError, ShardingError
 from hvmodel.kvm_host import IN_GUEST_MODE, OUTSIDE_GUEST_MODE
 from hvmodel.metrics import Metrics, NoiseBudget
 from hvmodel.mmu import PagePool
@@ -144,12 +144,21 @@ class Host:
         owned_nodes: Iterable[int] | None = None,
         ept_ad: bool = True,
         max_examples: int = 10,
+        local_nodes: Iterable[int] | None = None,
     ):
         self.topo, self.strategy, self.cost, self.env, self.ept_ad = topo, strategy, cost, topo.env, ept_ad
         n = topo.nr_cpus
         nodes = range(topo.numa_nodes) if owned_nodes is None else sorted(set(owned_nodes))
         self.owned = np.isin(topo.node_of(), list(nodes))
         self.owned_cpus = np.flatnonzero(self.owned)
+        # A split shard sees only the events of the VMs of its nodes (`local_nodes`); an
+        # on_each_cpu broadcast that leaves them is recorded for the other shards (outbox).
+        self.split = local_nodes is not None
+        self.local = np.isin(topo.node_of(), list(local_nodes)) if self.split else np.ones(n, bool)
+        self.local_cpus = np.flatnonzero(self.local)
+        assert not (self.owned & ~self.local).any(), "a shard owns only pCPUs of its own nodes"
+        self.outbox: list[tuple[int, int, int]] = []  # (event index, src, hpa)
+        self.event = 0  # index of the event being replayed
         self.online_cpus = np.arange(n)  # CPU hotplug is not modelled
         self.tlb: list[dict[int, TlbEntry]] = [{} for _ in range(n)]
         self.tlb_holders: dict[int, set[int]] = {}  # EP4TA -> owned pCPUs caching it
@@ -251,6 +260,11 @@ class Host:
             return
         if self.owned[src]:
             self.charge(src, self.cost.ipi_send_us * self._icr_writes(targets))
+        if self.split and not self.local[targets].all():
+            if flush_hpa is None or len(targets) != self.topo.nr_cpus - 1:
+                raise ShardingError(f"an IPI from pCPU {src} to pCPUs outside this shard's nodes: the VMs are not node-local")
+            self.outbox.append((self.event, src, flush_hpa))  # on_each_cpu(): the other shards' pCPUs get it too
+            targets = targets[self.local[targets]]
         in_guest = self.guest_mode[targets]
         for dst in targets[in_guest].tolist():
             vcpu = self.in_guest[dst]

@@ -12,7 +12,7 @@ Two kinds of numbers, which is what makes sharding exact (DESIGN.md §3):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +92,7 @@ class Metrics:
         self.stale_by_kind = dict.fromkeys(HAZARDS, 0)
         self.examples: list[dict] = []
         self.cpumask_bytes = 0
+        self.event_peak = 0  # the most bytes allocated during the current event (split shards)
         # open noise window per pCPU: index and accumulated noise
         self._win = np.full(nr_cpus, -1, np.int64)
         self._win_noise = np.zeros(nr_cpus, np.float64)
@@ -99,6 +100,7 @@ class Metrics:
     # --- memory owned by strategies ---------------------------------------------------
     def mask_alloc(self, nbytes: int) -> None:
         self.cpumask_bytes += nbytes
+        self.event_peak = max(self.event_peak, self.cpumask_bytes)
         if self.cpumask_bytes > self.vm["cpumask_bytes_peak"]:
             self.vm["cpumask_bytes_peak"] = self.cpumask_bytes
 
@@ -157,21 +159,39 @@ def first_examples(examples: list[dict], k: int) -> list[dict]:
     return sorted(examples, key=lambda e: (e["t_ns"], e["pcpu"], e["vm"], e["vcpu"]))[:k]
 
 
-def merge(results: list[dict], max_examples: int = 10) -> dict:
-    """Merge shard results. Per-pCPU arrays add up (each pCPU has one owner); VM-level
-    counters must agree across shards, or the sharding is broken and we say so."""
-    if len(results) == 1:
+def merge(results: list[dict], max_examples: int = 10, split: bool = False) -> dict:
+    """Merge shard results. Per-pCPU arrays add up (each pCPU has one owner). VM-level counters
+    must agree across shards that replay every VM, or the sharding is broken and we say so;
+    shards that split the VMs between them (hvmodel.split) each count their own, which add up,
+    and give their strategy-memory changes per event, from which the host's peak is rebuilt."""
+    if len(results) == 1 and not split:
         return results[0]
     first = results[0]
-    for r in results[1:]:
-        if r["vm"] != first["vm"]:
-            diff = {k: [s["vm"][k] for s in results] for k in first["vm"] if r["vm"][k] != first["vm"][k]}
-            raise AssertionError(f"shards disagree on VM-level counters: {diff}")
+    if split:
+        vm = {k: sum(r["vm"][k] for r in results) for k in first["vm"]}
+        vm["cpumask_bytes_peak"] = whole_host_peak(e for r in results for e in r["mask_series"])
+    else:
+        vm = dict(first["vm"])
+        for r in results[1:]:
+            if r["vm"] != first["vm"]:
+                diff = {k: [s["vm"][k] for s in results] for k in first["vm"] if r["vm"][k] != first["vm"][k]}
+                raise AssertionError(f"shards disagree on VM-level counters: {diff}")
     # each pCPU has exactly one owner and is 0 elsewhere: a sum is exact, maxima included
     per_cpu = {key: np.sum([r["per_cpu"][key] for r in results], axis=0) for key in first["per_cpu"]}
     stale = {k: sum(r["stale_by_kind"][k] for r in results) for k in first["stale_by_kind"]}
     examples = first_examples([e for r in results for e in r["examples"]], max_examples)
-    return {"per_cpu": per_cpu, "vm": dict(first["vm"]), "stale_by_kind": stale, "examples": examples}
+    return {"per_cpu": per_cpu, "vm": vm, "stale_by_kind": stale, "examples": examples}
+
+
+def whole_host_peak(series: Iterable[tuple[int, int, int]]) -> int:
+    """The whole host's cpumask_bytes_peak from every shard's (order key, the most bytes above
+    the level before the event, the change) for each event that changed strategy memory: only
+    one shard's VMs act in any one event, so the host's level is the sum of the changes so far."""
+    level = peak = 0
+    for _, excursion, change in sorted(series):
+        peak = max(peak, level + excursion)
+        level += change
+    return peak
 
 
 RATE_KEYS = (

@@ -19,6 +19,7 @@ from hvmodel.errors import ConfigError
 from hvmodel.fast.engine import FastEngine
 from hvmodel.host import Topology
 from hvmodel.metrics import NoiseBudget
+from hvmodel.split import node_local
 from hvmodel.strategies.base import check_environment
 from hvmodel.trace import Trace
 from hvmodel.workload import Workload
@@ -40,12 +41,20 @@ class Scenario:
     max_examples: int = 10
 
     def make_trace(self) -> Trace:
-        return self.workload.trace(self.topo, self.seed)
+        """A fresh trace, from a copy of the workload: generators keep their running state on it."""
+        return copy.deepcopy(self.workload).trace(self.topo, self.seed)
 
-    def make_engine(self, owned_nodes=None):
-        """An engine for the pCPUs of `owned_nodes` (all if None), with its own copy of the
-        strategy: the reference's strategies keep state and are attached to one host."""
-        return self.engine(self.topo, copy.deepcopy(self.strategy), self.cost, self.noise, owned_nodes=owned_nodes)
+    def make_engine(self, owned_nodes=None, local_nodes=None):
+        """An engine for the pCPUs of `owned_nodes` (all if None), replaying only the VMs of
+        `local_nodes` if given (a split shard), with its own copy of the strategy: the
+        reference's strategies keep state and are attached to one host."""
+        strategy = copy.deepcopy(self.strategy)
+        return self.engine(self.topo, strategy, self.cost, self.noise, owned_nodes=owned_nodes, local_nodes=local_nodes)
+
+    def node_local(self) -> bool:
+        """Whether every VM stays on one NUMA node, so shards can split the VMs (hvmodel.split)."""
+        check = getattr(self.workload, "node_local", None)
+        return check(self.topo) if check is not None else node_local(self.make_trace(), self.topo)
 
 
 def instantiate_group(cfg: DictConfig, group: str):

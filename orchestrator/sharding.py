@@ -1,27 +1,38 @@
 """Shard plan, ShardRunner (a plain class, made a Ray actor at the call site), merge.
 
-A shard owns whole NUMA nodes. Each shard replays the *whole* trace: VM-level state (roots,
-refcounts, vCPU caches, requests, strategy masks) is a deterministic function of the trace,
-so every shard computes it identically; per-pCPU state (TLB contents, counters, noise) lives
-only in the shard that owns the pCPU. Merging adds up per-pCPU arrays and checks that all shards
-agree on the VM-level counters, so N shards give exactly the 1-shard result (tests prove it).
+A shard owns whole NUMA nodes: the TLBs, counters and noise of their pCPUs. How it shares the
+VM-level work with the other shards depends on the trace (hvmodel.split):
 
+* split: every VM stays on one node, so each shard replays only the events of its own nodes'
+  VMs. A strategy that broadcasts to every online pCPU (on_each_cpu, B) makes the one effect
+  that crosses shards: then the driver steps all shards through the trace a window of
+  simulated time at a time, each one first replaying its VMs at VM level only to find its
+  broadcasts and then replaying them for real with the other shards' broadcasts delivered at
+  their positions;
+* replicated: VMs span nodes (unpinned vCPUs), so every shard replays every event. VM-level
+  state is a deterministic function of the trace, so every shard computes it identically, and
+  only the per-pCPU work is split.
+
+Either way the merged result equals the 1-shard result, bit for bit (tests/test_sharding.py).
 The trace is generated inside each actor from the (small) scenario, which goes through the
-object store once; nothing per event crosses process boundaries. The emulator is deterministic
-and every shard must see the same trace, so there is no per-shard random seed.
+object store once; nothing per event crosses process boundaries but the broadcasts.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from hvmodel.errors import ConfigError
 from hvmodel.metrics import merge
-from hvmodel.trace import TraceError
+from hvmodel.split import local_chunks
+from hvmodel.trace import Trace, TraceError
 from orchestrator.scenario import Scenario
 
 
@@ -38,40 +49,124 @@ def shard_plan(numa_nodes: int, shards: int) -> list[list[int]]:
 
 
 class ShardRunner:
-    """Runs the complete emulator for one shard, in steps so the driver can show progress."""
+    """Runs the emulator for one shard, in steps so the driver can show progress: advance() for
+    shards that need nothing from each other, ahead() + replay_window() for split shards with
+    broadcasts (each window's broadcasts go through the driver between the two)."""
 
-    def __init__(self, scenario: Scenario, nodes: list[int]):
-        self.engine = scenario.make_engine(nodes)
+    WINDOW_NS = 1_000_000_000  # simulated time the driver steps split shards with broadcasts by
+
+    def __init__(self, scenario: Scenario, nodes: list[int], split: bool = False):
+        self.topo, self.split = scenario.topo, split
         self.trace = scenario.make_trace()
-        self.chunks = iter(self.trace)
+        self.engine = scenario.make_engine(nodes, local_nodes=nodes if split else None)
+        # finds this shard's broadcasts a window ahead: VM level only, no pCPU of its own
+        self.scout = scenario.make_engine([], local_nodes=nodes) if split and scenario.strategy.on_each_cpu else None
+        self.chunks = local_chunks(self.trace, self.topo, nodes) if split else ((c, None) for c in self.trace)
+        self.pending: tuple | None = None  # the part of a chunk beyond the window
+        self.exhausted = False  # the trace has no more chunks
+        self.window: list[tuple[np.ndarray, np.ndarray]] = []
+        self.mask_series: list[tuple[int, int, int]] = []  # (order key, excursion, change)
         self.replay_s = self.gen_s = 0.0  # replaying the trace; making (or reading) it
+
+    def _next(self):
+        t0 = time.perf_counter()
+        chunk = next(self.chunks, None)
+        self.gen_s += time.perf_counter() - t0
+        return chunk
+
+    def _replay(self, chunk: np.ndarray, index: np.ndarray | None) -> None:
+        t0 = time.perf_counter()
+        base = self.engine.events
+        self.engine.replay(chunk, self.trace if index is None else _Where(self.trace, index, base))
+        if self.split:
+            self.mask_series += [(int(index[i - base]), exc, chg) for i, exc, chg in self.engine.take_mask_series()]
+        self.replay_s += time.perf_counter() - t0
 
     def advance(self, budget_s: float = 1.0) -> dict:
         """Replay chunks for about `budget_s` seconds; returns progress."""
         t0 = time.perf_counter()
         done = False
         while time.perf_counter() - t0 < budget_s:
-            t1 = time.perf_counter()
-            chunk = next(self.chunks, None)
-            t2 = time.perf_counter()
-            self.gen_s += t2 - t1
+            chunk = self._next()
             if chunk is None:
                 done = True
                 break
-            self.engine.replay(chunk, self.trace)
-            self.replay_s += time.perf_counter() - t2
+            self._replay(*chunk)
+        return self._progress(done)
+
+    def _progress(self, done: bool) -> dict:
         return {"events": self.engine.events, "sim_ns": self.engine.sim_ns, "done": done}
+
+    def ahead(self, t_end: int) -> list[tuple[int, int, int, int]]:
+        """Take this shard's events before t_end and replay them at VM level; return the
+        broadcasts they make, as (order key, t_ns, src pCPU, hpa)."""
+        t0 = time.perf_counter()
+        self.window, out = [], []
+        while not self.exhausted:
+            part = self.pending or self._next()
+            if part is None:
+                self.exhausted = True
+                break
+            chunk, index = part
+            cut = int(np.searchsorted(chunk["time_ns"], t_end))
+            self.pending = (chunk[cut:], index[cut:]) if cut < len(chunk) else None
+            if cut:
+                base = self.scout.events
+                self.scout.replay(chunk[:cut], _Where(self.trace, index, base))
+                out += [(int(index[i - base]), int(chunk["time_ns"][i - base]), src, hpa) for i, src, hpa in self.scout.take_outbox()]
+                self.window.append((chunk[:cut], index[:cut]))
+            if self.pending is not None:
+                break
+        self.replay_s += time.perf_counter() - t0
+        return out
+
+    def replay_window(self, foreign: list[tuple[int, int, int, int]]) -> dict:
+        """Replay the window taken by ahead(), with the other shards' broadcasts of that window
+        (sorted by order key) delivered at their positions: each event's broadcasts together,
+        between this shard's events before and after it; returns progress."""
+        t0 = time.perf_counter()
+        groups = [list(g) for _, g in itertools.groupby(foreign, key=lambda f: f[0])]  # one foreign event each
+        g = 0
+        for chunk, index in self.window:
+            start = 0
+            while g < len(groups) and groups[g][0][0] < index[-1]:
+                cut = int(np.searchsorted(index, groups[g][0][0]))
+                if cut > start:
+                    self._replay(chunk[start:cut], index[start:cut])
+                    start = cut
+                self._remote(groups[g])
+                g += 1
+            self._replay(chunk[start:], index[start:])
+        for group in groups[g:]:
+            self._remote(group)
+        self.window = []
+        self.replay_s += time.perf_counter() - t0
+        return self._progress(self.exhausted and self.pending is None)
+
+    def _remote(self, group: list[tuple[int, int, int, int]]) -> None:
+        self.engine.remote_on_each_cpu(group[0][1], [(src, hpa) for _, _, src, hpa in group])
 
     def result(self) -> dict:
         out = self.engine.result()
         out["duration_ns"] = self.trace.duration_ns if self.trace.duration_ns is not None else self.engine.sim_ns
         out.update(replay_s=self.replay_s, gen_s=self.gen_s, node_id=_ray_node_id(), engine=self.engine.engine)
+        out["mask_series"] = self.mask_series
         return out
 
     def run(self) -> dict:
         while not self.advance(3600.0)["done"]:
             pass
         return self.result()
+
+
+class _Where:
+    """trace.where() for a shard's chunk of events: local event i is event index[i - base]."""
+
+    def __init__(self, trace: Trace, index: np.ndarray, base: int):
+        self.trace, self.index, self.base = trace, index, base
+
+    def where(self, i: int) -> str:
+        return self.trace.where(int(self.index[i - self.base]))
 
 
 def _ray_node_id() -> str | None:
@@ -168,6 +263,7 @@ def run_shards(scenario: Scenario, cluster, shards: int, progress: Progress | No
 
     cluster.ensure()
     plan = shard_plan(scenario.topo.numa_nodes, shards)
+    split = len(plan) > 1 and scenario.node_local()
     ref = ray.put(scenario)
     actor_cls = ray.remote(num_cpus=cluster.cpus_per_shard, max_restarts=0)(ShardRunner)
     job = uuid.uuid4().hex[:8]
@@ -175,21 +271,33 @@ def run_shards(scenario: Scenario, cluster, shards: int, progress: Progress | No
 
     def start(i: int):  # named, so that operators (and tests) can find a shard's actor
         name = f"hvbench-{job}-shard{i}-try{attempts[i]}"
-        return actor_cls.options(name=name, scheduling_strategy="SPREAD").remote(ref, plan[i])
+        return actor_cls.options(name=name, scheduling_strategy="SPREAD").remote(ref, plan[i], split)
 
     actors = [start(i) for i in range(len(plan))]
     try:
-        results = _gather(actors, plan, start, attempts, cluster.max_retries, progress)
+        if split and scenario.strategy.on_each_cpu:
+            results = _step_windows(actors, plan, start, attempts, cluster.max_retries, progress)
+        else:
+            results = _gather(actors, plan, start, attempts, cluster.max_retries, progress)
     finally:  # done, failed or interrupted: no actor outlives the job
         for a in actors:
             ray.kill(a)
-    merged = merge(results, scenario.max_examples)
+    merged = merge(results, scenario.max_examples, split=split)
     merged["duration_ns"] = results[0]["duration_ns"]
     merged["engine"] = results[0]["engine"]
     merged["shards"] = [
-        {"nodes": plan[i], "node_id": r["node_id"], "replay_s": r["replay_s"], "gen_s": r["gen_s"]} for i, r in enumerate(results)
+        {"nodes": plan[i], "node_id": r["node_id"], "replay_s": r["replay_s"], "gen_s": r["gen_s"], "split": split}
+        for i, r in enumerate(results)
     ]
     return merged
+
+
+def _shard_error(i: int, plan: list[list[int]], e: Exception) -> Exception:
+    """What to raise for a shard's task that raised: the user's trace or config, said plainly."""
+    cause = getattr(e, "cause", e)
+    if isinstance(cause, TraceError | ConfigError):
+        return cause
+    return ShardFailed(f"shard {i} (NUMA nodes {plan[i]}) raised {type(cause).__name__}: {cause}")
 
 
 def _gather(actors: list, plan: list[list[int]], start, attempts: list[int], max_retries: int, progress: Progress | None) -> list[dict]:
@@ -209,17 +317,93 @@ def _gather(actors: list, plan: list[list[int]], start, attempts: list[int], max
             else:
                 pending[actors[i].advance.remote()] = i
         except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, TraceError | ConfigError):  # the user's trace or config: say so plainly
-                raise e.cause from None
-            raise ShardFailed(f"shard {i} (NUMA nodes {plan[i]}) raised {type(e.cause).__name__}: {e.cause}") from e
+            raise _shard_error(i, plan, e) from e
         except ray.exceptions.RayActorError as e:
-            attempts[i] += 1
-            if attempts[i] > max_retries:
-                raise ShardFailed(f"shard {i} (NUMA nodes {plan[i]}) failed {attempts[i]} times: {e}") from e
-            print(f"[hvbench] shard {i} lost its actor ({type(e).__name__}); retry {attempts[i]}/{max_retries}", file=sys.stderr)
+            _count_loss(i, plan, attempts, max_retries, e)
             actors[i] = start(i)
             pending[actors[i].advance.remote()] = i
             info = {"events": 0, "sim_ns": 0, "done": False}
         if progress is not None:
             progress.update(i, info, force=not pending)
     return results
+
+
+def _step_windows(actors: list, plan: list[list[int]], start, attempts: list[int], max_retries: int, progress) -> list[dict]:
+    """Split shards with broadcasts: step all of them through the trace together, a window of
+    simulated time at a time, passing each window's broadcasts to the other shards. A lost
+    actor restarts every shard from the beginning (their windows depend on each other)."""
+    import ray
+
+    def call(method: str, args: list) -> list:
+        refs = [getattr(a, method).remote(*x) for a, x in zip(actors, args)]
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            i = next(i for i, r in enumerate(refs) if _failed(r))
+            raise _shard_error(i, plan, e) from e
+
+    while True:
+        try:
+            return step_windows(call, len(actors), progress)
+        except ray.exceptions.RayActorError as e:
+            lost = next(i for i, a in enumerate(actors) if not _alive(a))
+            _count_loss(lost, plan, attempts, max_retries, e)
+            for i, a in enumerate(actors):
+                ray.kill(a)
+                attempts[i] = attempts[lost]
+                actors[i] = start(i)
+
+
+def step_windows(call, n: int, progress=None) -> list[dict]:
+    """The protocol of split shards with broadcasts: `call(method, args)` calls a ShardRunner
+    method on each of the n shards (args[i] for shard i) and returns their results."""
+    t_end, done = 0, False
+    while not done:
+        t_end += ShardRunner.WINDOW_NS
+        out = call("ahead", [(t_end,)] * n)
+        foreign = [sorted(b for j, o in enumerate(out) if j != i for b in o) for i in range(n)]
+        infos = call("replay_window", [(f,) for f in foreign])
+        done = all(info["done"] for info in infos)
+        for i, info in enumerate(infos):
+            if progress is not None:
+                progress.update(i, info, force=done and i == n - 1)
+    return call("result", [()] * n)
+
+
+def run_in_process(scenario: Scenario, shards: int) -> dict:
+    """run_shards without Ray: every shard in this process, one after another (tests)."""
+    plan = shard_plan(scenario.topo.numa_nodes, shards)
+    split = len(plan) > 1 and scenario.node_local()
+    runners = [ShardRunner(scenario, nodes, split) for nodes in plan]
+    if split and scenario.strategy.on_each_cpu:
+        results = step_windows(lambda method, args: [getattr(r, method)(*a) for r, a in zip(runners, args)], len(runners))
+    else:
+        results = [r.run() for r in runners]
+    return merge(results, scenario.max_examples, split=split)
+
+
+def _failed(ref) -> bool:
+    import ray
+
+    try:
+        ray.get(ref, timeout=0)
+        return False
+    except Exception:
+        return True
+
+
+def _alive(actor) -> bool:
+    import ray
+
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=10)
+        return True
+    except Exception:
+        return False
+
+
+def _count_loss(i: int, plan: list[list[int]], attempts: list[int], max_retries: int, e: Exception) -> None:
+    attempts[i] += 1
+    if attempts[i] > max_retries:
+        raise ShardFailed(f"shard {i} (NUMA nodes {plan[i]}) failed {attempts[i]} times: {e}") from e
+    print(f"[hvbench] shard {i} lost its actor ({type(e).__name__}); retry {attempts[i]}/{max_retries}", file=sys.stderr)

@@ -1,5 +1,7 @@
 """Exact sharding: the merged result of N shards equals the 1-shard result, key for key and
-pCPU for pCPU (DESIGN.md §3). Shards run here as plain ShardRunner objects, without Ray."""
+pCPU for pCPU (DESIGN.md §3), whether the shards split the VMs (pinned VMs: each shard replays
+its own nodes' VMs, and B's broadcasts cross between them) or all replay every VM (unpinned
+vCPUs span nodes). Shards run here in this process (run_in_process), without Ray."""
 
 import numpy as np
 import pytest
@@ -16,13 +18,15 @@ from hvmodel.strategies.upstream import Upstream
 from hvmodel.strategies.vm_ever_ran_mask import VmEverRanMask
 from hvmodel.workload import Overcommit, PartitionedPinned, RtMixed
 from orchestrator.scenario import Scenario
-from orchestrator.sharding import ShardRunner, shard_plan
+from orchestrator.sharding import ShardRunner, run_in_process, shard_plan
 
 BARE = Topology(nr_cpus=32, numa_nodes=4, smt=2, housekeeping_per_node=1, name="t32")
 HYPERV = Topology(nr_cpus=32, numa_nodes=4, smt=2, housekeeping_per_node=1, env="hyperv", name="t32hv")
 CHURN = {"lifetime_s": 0.15, "zap_per_s": 40.0, "boot_s": 0.05, "reboot_fraction": 0.3}
 WORKLOADS = {
     "partitioned_pinned": lambda: PartitionedPinned(duration_s=0.3, halt_per_s=100, lifecycle=CHURN),
+    # shards' events densely interleaved: a broadcast delivered a few events off changes kicks
+    "partitioned_pinned_dense": lambda: PartitionedPinned(duration_s=0.3, halt_per_s=3000, halt_us=30, lifecycle=CHURN),
     # vCPUs float over every node: migrations, VMCLEAR IPIs and kicks cross shard boundaries
     "overcommit_nested": lambda: Overcommit(duration_s=0.3, cpuset="all", vms=12, nested_fraction=0.5, lifecycle=CHURN),
     "rt_mixed": lambda: RtMixed(duration_s=0.3, rt={"fill": 0.5, "lifecycle": CHURN}, best_effort={"vms": 6, "lifecycle": CHURN}),
@@ -31,8 +35,7 @@ STRATEGIES = [Upstream, IpiAllOnAlloc, VmEverRanMask, ActiveRoots, PerRootCpumas
 
 
 def run_plan(scenario: Scenario, shards: int) -> dict:
-    results = [ShardRunner(scenario, nodes).run() for nodes in shard_plan(scenario.topo.numa_nodes, shards)]
-    return merge(results, scenario.max_examples)
+    return run_in_process(scenario, shards)
 
 
 def assert_identical(a: dict, b: dict) -> None:
@@ -49,6 +52,12 @@ def test_shard_plan_balances_whole_nodes():
     assert shard_plan(4, 3) == [[0, 1], [2], [3]]
     assert shard_plan(32, 3) == [list(range(0, 11)), list(range(11, 22)), list(range(22, 32))]
     assert shard_plan(2, 8) == [[0], [1]]  # never more shards than nodes
+
+
+def test_pinned_vms_are_split_and_floating_ones_replicated():
+    assert Scenario(BARE, WORKLOADS["partitioned_pinned"](), Upstream(), *_defaults(), seed=7).node_local()
+    for name in ("overcommit_nested", "rt_mixed"):
+        assert not Scenario(BARE, WORKLOADS[name](), Upstream(), *_defaults(), seed=7).node_local(), name
 
 
 @pytest.mark.parametrize("workload", WORKLOADS)

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from hvmodel.cost import CostModel
-from hvmodel.errors import ConfigError
+from hvmodel.errors import ConfigError, ShardingError
 from hvmodel.fast.digest import SRC, source_digest
 from hvmodel.host import Topology
 from hvmodel.metrics import HAZARDS, PER_CPU_COUNTERS, PER_CPU_FLOATS, REPLICATED, NoiseBudget
@@ -80,6 +80,7 @@ ERRORS = {
     17: lambda e, a: f"unknown event kind {a[0]}",
 }
 ERR_ROOTS_LEAKED = 18  # a model invariant, not the trace's fault
+ERR_NOT_NODE_LOCAL = 19  # a split shard's assumption, not the trace's fault
 
 
 class FastEngine:
@@ -96,6 +97,7 @@ class FastEngine:
         owned_nodes: Iterable[int] | None = None,
         ept_ad: bool = True,
         max_examples: int = 10,
+        local_nodes: Iterable[int] | None = None,
     ):
         check_environment(strategy, topo.env)
         try:
@@ -107,6 +109,8 @@ class FastEngine:
         c = _engine.Config()
         c.n_cpus, c.n_nodes, c.hyperv, c.ept_ad = topo.nr_cpus, topo.numa_nodes, topo.env == "hyperv", bool(ept_ad)
         c.cluster, c.owned = topo.x2apic_cluster_size, np.isin(topo.node_of(), list(nodes)).tolist()
+        if local_nodes is not None:
+            c.split, c.local = True, np.isin(topo.node_of(), list(local_nodes)).tolist()
         c.cost = [float(getattr(cost, f)) for f in COST_FIELDS]
         c.noise_period_ns, c.noise_threshold_us, c.noise_budget_us = noise.period_us * 1000, noise.threshold_us, noise.budget_us
         c.max_examples, c.policy = int(max_examples), code
@@ -125,10 +129,22 @@ class FastEngine:
             code, args = self.state.error()
             if code == ERR_ROOTS_LEAKED:
                 raise AssertionError(f"roots leaked at VM destroy (VM {args[0]})")
+            if code == ERR_NOT_NODE_LOCAL:
+                raise ShardingError("an IPI to pCPUs outside this shard's nodes: the VMs are not node-local")
             raise TraceError(f"{trace.where(self.events + done)} (t_ns={int(chunk['time_ns'][done])}): {ERRORS[code](self, args)}")
         self.events += done
         if len(chunk):
             self.sim_ns = int(chunk["time_ns"][-1])
+
+    def remote_on_each_cpu(self, t: int, broadcasts: list[tuple[int, int]]) -> None:
+        """hvmodel.engine.Engine.remote_on_each_cpu."""
+        self.state.remote_on_each_cpu(t, [b[0] for b in broadcasts], [b[1] for b in broadcasts])
+
+    def take_outbox(self) -> list[tuple[int, int, int]]:
+        return list(zip(*(a.tolist() for a in self.state.take_outbox()), strict=True))
+
+    def take_mask_series(self) -> list[tuple[int, int, int]]:
+        return list(zip(*(a.tolist() for a in self.state.take_mask_series()), strict=True))
 
     def vcpu(self, v: int) -> str:
         vm, idx, cpu = self.state.vcpu(v)

@@ -61,6 +61,7 @@ def check_environment(strategy: FlushStrategy, env: str) -> None:
 class FlushStrategy(Protocol):
     name: str
     environments: tuple[str, ...]  # where the strategy can run
+    on_each_cpu: bool  # it IPIs every online pCPU, beyond the VM's own (hvmodel.split)
 
     def attach(self, host: Host) -> None: ...
     def vcpu_migrated(self, vcpu: KvmVcpu, cpu: int) -> None: ...
@@ -79,6 +80,7 @@ class KernelDefaults:
 
     name = "kernel_defaults"
     environments: tuple[str, ...] = ("bare_metal", "hyperv")
+    on_each_cpu = False
 
     def __init__(self, mask_sizing: str = "nr_cpu_ids"):
         if mask_sizing not in MASK_SIZINGS:

@@ -14,6 +14,7 @@ from hvmodel.strategies.base import KernelDefaults
 class IpiAllOnAlloc(KernelDefaults):
     name = "ipi_all_on_alloc"
     fast_code = 1  # hvmodel/fast/src/policy.h
+    on_each_cpu = True  # a broadcast to every online pCPU, beyond the VM's own
 
     def vcpu_migrated(self, vcpu, cpu):
         pass

@@ -16,6 +16,7 @@ from hvmodel.strategies.ipi_all_on_alloc import IpiAllOnAlloc
 class VmEverRanMask(IpiAllOnAlloc):
     name = "vm_ever_ran_mask"
     fast_code = 2  # hvmodel/fast/src/policy.h
+    on_each_cpu = False  # B's broadcast scoped to the VM's own pCPUs
 
     def __init__(self, mask_sizing: str = "nr_cpu_ids"):
         super().__init__(mask_sizing)

@@ -43,14 +43,39 @@ class Engine {
         py::gil_scoped_release unlocked;
         for (i64 i = 0; i < n; i++, p += EVENT_LAYOUT[0]) {
             s.now = field<i64>(p, EVENT_LAYOUT[1]);
+            i64 level = s.event_peak = s.mask_now;
             dispatch(s, field<uint8_t>(p, EVENT_LAYOUT[2]), field<int32_t>(p, EVENT_LAYOUT[3]), field<int32_t>(p, EVENT_LAYOUT[4]),
                      field<int32_t>(p, EVENT_LAYOUT[5]), field<i64>(p, EVENT_LAYOUT[6]));
             if (s.err) return i;
             finish_event(s, s.now);
+            if (s.split && (s.event_peak > level || s.mask_now != level)) {
+                s.mask_event.push_back(s.events), s.mask_excursion.push_back(s.event_peak - level);
+                s.mask_change.push_back(s.mask_now - level);
+            }
             s.events++;
         }
         return n;
     }
+
+    // Another shard's event at t_ns broadcast kvm_flush_tlb_root to every online pCPU: each
+    // (src pCPU, hpa) reaches this shard's pCPUs as in the unsplit run, then the event ends here.
+    void remote_on_each_cpu(i64 t_ns, const std::vector<i64>& srcs, const std::vector<i64>& hpas) {
+        py::gil_scoped_release unlocked;
+        s.now = t_ns;
+        for (size_t b = 0; b < srcs.size(); b++) {
+            i64 pid = page_id(s, hpas[b]);
+            for (i64 cpu : s.local_cpus)
+                if (cpu != srcs[b]) deliver(s, cpu, IPI_FLUSH, pid);
+        }
+        finish_event(s, t_ns);
+    }
+
+    // The on_each_cpu broadcasts so far that left this shard: (event index, src, hpa) columns.
+    py::tuple take_outbox() { return take(s.out_event, s.out_src, s.out_hpa); }
+
+    // Per event that changed strategy memory: (event index, the most bytes above the level before
+    // it, the change): what the whole host's cpumask_bytes_peak is made of.
+    py::tuple take_mask_series() { return take(s.mask_event, s.mask_excursion, s.mask_change); }
 
     // Metrics.result(), as arrays: close the open noise windows first (call once, at the end).
     py::tuple result() {
@@ -74,6 +99,13 @@ class Engine {
 
    private:
     State s;
+
+    static py::tuple take(std::vector<i64>& a, std::vector<i64>& b, std::vector<i64>& c) {
+        py::tuple out = py::make_tuple(py::array_t<i64>(a.size(), a.data()), py::array_t<i64>(b.size(), b.data()),
+                                       py::array_t<i64>(c.size(), c.data()));
+        a.clear(), b.clear(), c.clear();
+        return out;
+    }
 };
 
 }  // namespace
@@ -88,6 +120,8 @@ PYBIND11_MODULE(_engine, m) {
         .def_readwrite("ept_ad", &Config::ept_ad)
         .def_readwrite("cluster", &Config::cluster)
         .def_readwrite("owned", &Config::owned)
+        .def_readwrite("split", &Config::split)
+        .def_readwrite("local", &Config::local)
         .def_property("cost", [](const Config& c) { return std::vector<double>(c.cost, c.cost + N_COSTS); },
                       [](Config& c, const std::vector<double>& v) {
                           if (v.size() != N_COSTS) throw std::invalid_argument("cost: wrong length");
@@ -107,7 +141,10 @@ PYBIND11_MODULE(_engine, m) {
         .def("replay", &Engine::replay)
         .def("result", &Engine::result)
         .def("error", &Engine::error)
-        .def("vcpu", &Engine::vcpu);
+        .def("vcpu", &Engine::vcpu)
+        .def("remote_on_each_cpu", &Engine::remote_on_each_cpu)
+        .def("take_outbox", &Engine::take_outbox)
+        .def("take_mask_series", &Engine::take_mask_series);
     m.attr("SOURCE_DIGEST") = HV_SOURCE_DIGEST;
     m.attr("EVENT_LAYOUT") = py::make_tuple(EVENT_LAYOUT[0], EVENT_LAYOUT[1], EVENT_LAYOUT[2], EVENT_LAYOUT[3],
                                             EVENT_LAYOUT[4], EVENT_LAYOUT[5], EVENT_LAYOUT[6]);

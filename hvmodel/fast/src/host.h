@@ -46,7 +46,7 @@ inline void remove_entry(State& s, i64 cpu, i64 k) {
 
 // Remove the entries tagged pid from an owned pCPU; the guest pays to refill them.
 inline bool drop(State& s, i64 cpu, i64 pid) {
-    if (pid < 0 || !bit_test(s.holder_row(pid), cpu)) return false;
+    if (!s.page_known(pid) || !bit_test(s.holder_row(pid), cpu)) return false;
     remove_entry(s, cpu, tlb_find(s, cpu, pid));
     bit_clear(s.holder_row(pid), cpu);
     s.f(FLUSH_OVERHEAD_US, cpu) += s.cost[C_REFILL];
@@ -154,6 +154,7 @@ inline void send_ipis(State& s, i64 src, const i64* cpus, i64 n, int counter, i6
         if (cpus[i] != src) {
             t++;
             if (cpus[i] / s.cluster != last) clusters++, last = cpus[i] / s.cluster;
+            if (!s.local[cpus[i]]) s.err = ERR_NOT_NODE_LOCAL;  // WARN_ON: a split shard sees only its own pCPUs
         }
     if (t == 0) return;
     if (s.owned[src]) charge(s, src, s.cost[C_IPI_SEND] * double(icr_writes(s, t, clusters)));
@@ -161,11 +162,18 @@ inline void send_ipis(State& s, i64 src, const i64* cpus, i64 n, int counter, i6
         if (cpus[i] != src) deliver(s, cpus[i], counter, flush_pid);
 }
 
-// send_ipis to every online pCPU but src (on_each_cpu): one pass over the pCPUs.
+// send_ipis to every online pCPU but src (on_each_cpu): one pass over the pCPUs. A split shard
+// records the broadcast for the other shards' pCPUs (remote_on_each_cpu) and delivers to its own.
 inline void send_ipis_all(State& s, i64 src, int counter, i64 flush_pid) {
     i64 t = s.n_cpus - 1;
     if (t == 0) return;
     if (s.owned[src]) charge(s, src, s.cost[C_IPI_SEND] * double(icr_writes(s, t, 0)));
+    if (s.split && i64(s.local_cpus.size()) < s.n_cpus) {
+        s.out_event.push_back(s.events), s.out_src.push_back(src), s.out_hpa.push_back(page_hpa(s, flush_pid));
+        for (i64 cpu : s.local_cpus)
+            if (cpu != src) deliver(s, cpu, counter, flush_pid);
+        return;
+    }
     for (i64 cpu = 0; cpu < s.n_cpus; cpu++)
         if (cpu != src) deliver(s, cpu, counter, flush_pid);
 }

@@ -9,6 +9,7 @@ namespace hv {
 
 inline void mask_alloc(State& s, i64 nbytes) {
     s.mask_now += nbytes;
+    if (s.mask_now > s.event_peak) s.event_peak = s.mask_now;
     if (s.mask_now > s.vmc[CPUMASK_BYTES_PEAK]) s.vmc[CPUMASK_BYTES_PEAK] = s.mask_now;
 }
 

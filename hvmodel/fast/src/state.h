@@ -62,7 +62,7 @@ constexpr i64 NESTED_NO_EPT = i64(1) << 32, NESTED_EPTP_NOT_BACKED = i64(1) << 3
 enum Error { ERR_NONE, ERR_NO_VM, ERR_NO_VCPU, ERR_NOT_LOADED, ERR_NO_PCPU, ERR_HOST_ON_GUEST_CPU, ERR_VM_EXISTS,
              ERR_NO_NODE, ERR_DESTROY_LOADED, ERR_ALREADY_LOADED, ERR_PCPU_BUSY, ERR_SMM_ENTER, ERR_SMM_EXIT,
              ERR_NESTED_IN_L2, ERR_NESTED_IN_SMM, ERR_NOT_IN_L2, ERR_INVEPT_IN_L2, ERR_UNKNOWN_KIND,
-             ERR_ROOTS_LEAKED };
+             ERR_ROOTS_LEAKED, ERR_NOT_NODE_LOCAL };
 
 template <class T>
 void grow(std::vector<T>& v, size_t n, T fill = T()) {
@@ -101,6 +101,8 @@ struct Config {
     bool hyperv, ept_ad;
     i64 cluster;  // x2APIC cluster size (1: physical mode)
     std::vector<bool> owned;
+    bool split = false;       // a shard that replays only the VMs of its own nodes...
+    std::vector<bool> local;  // ...these pCPUs' nodes
     double cost[N_COSTS];
     i64 noise_period_ns;
     double noise_threshold_us, noise_budget_us;
@@ -117,6 +119,9 @@ struct State {
     bool hyperv, ept_ad;
     i64 cluster;
     std::vector<char> owned;  // pCPUs whose TLBs and counters this engine keeps
+    bool split;               // only the VMs of the local pCPUs' nodes are replayed here
+    std::vector<char> local;
+    std::vector<i64> local_cpus;
     double cost[N_COSTS];
     i64 noise_period_ns;
     double noise_threshold_us, noise_budget_us;
@@ -196,9 +201,16 @@ struct State {
     std::vector<i64> reentry;  // vCPUs kicked during this event (FIFO)
     size_t re_head = 0;
 
+    // --- a split shard: on_each_cpu broadcasts that left it, and its strategy memory per event
+    std::vector<i64> out_event, out_src, out_hpa;
+    i64 event_peak = 0;  // the most mask bytes during the current event
+    std::vector<i64> mask_event, mask_excursion, mask_change;
+
     explicit State(const Config& c)
         : n_cpus(c.n_cpus), n_nodes(c.n_nodes), words((c.n_cpus + 63) / 64), hyperv(c.hyperv), ept_ad(c.ept_ad),
-          cluster(c.cluster), owned(c.owned.begin(), c.owned.end()), noise_period_ns(c.noise_period_ns),
+          cluster(c.cluster), owned(c.owned.begin(), c.owned.end()), split(c.split),
+          local(c.split ? c.local.begin() : c.owned.begin(), c.split ? c.local.end() : c.owned.end()),
+          noise_period_ns(c.noise_period_ns),
           noise_threshold_us(c.noise_threshold_us), noise_budget_us(c.noise_budget_us), max_examples(c.max_examples),
           policy(c.policy), mmus(c.mmus), prev_roots(c.prev_roots), mask_bytes(c.mask_bytes), table_bytes(c.table_bytes),
           running(n_cpus, NONE), in_guest(n_cpus, NONE), mark(n_cpus, 0), scratch(n_cpus + 64),
@@ -207,12 +219,16 @@ struct State {
           win(n_cpus, -1), win_noise(n_cpus, 0.0), irq_open(n_cpus, 0), irq_us(n_cpus, 0.0), irq_list(n_cpus),
           ex((c.max_examples + 1) * N_EX, 0), rows(words), gens(n_cpus) {
         for (int i = 0; i < N_COSTS; i++) cost[i] = c.cost[i];
+        if (!split) std::fill(local.begin(), local.end(), 1);
+        for (i64 cpu = 0; cpu < n_cpus; cpu++)
+            if (local[cpu]) local_cpus.push_back(cpu);
         resize_tlb(tlb_w);
     }
 
     i64& c(int counter, i64 cpu) { return cnt[counter * n_cpus + cpu]; }
     double& f(int field, i64 cpu) { return flt[field * n_cpus + cpu]; }
     u64* holder_row(i64 pid) { return &holders[pid * words]; }
+    bool page_known(i64 pid) const { return pid >= 0 && size_t((pid + 1) * words) <= holders.size(); }
     u64* row(i64 r) { return rows.row(r); }
     u32* gen_row(i64 r) { return gens.row(r); }
     i64 vmcs(i64 v, int w) const { return v_vmcs[v * 2 + w]; }
