@@ -13,14 +13,17 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
 from hydra.errors import ConfigCompositionException, HydraException, OverrideParseException
 from omegaconf import OmegaConf
 
 from hvmodel.errors import ConfigError
+from hydra_plugins.hvbench_launcher import HvbenchLauncher
 from orchestrator.main import CONF_DIR, app
 from orchestrator.scenario import GROUPS, build_scenario, instantiate_group
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 class UsageError(Exception):
@@ -91,6 +94,9 @@ def validate(args: list[str]) -> int:
 
 
 def main() -> None:
+    # Hydra looks for plugins by scanning the hydra_plugins namespace, which an editable install
+    # cannot list: register the launcher by hand.
+    Plugins.instance().register(HvbenchLauncher)
     args = sys.argv[1:]
     passthrough = any(a.startswith("-") and a not in ("-m", "--multirun") for a in args)  # --help, --cfg, ...
     if not passthrough:
@@ -99,7 +105,10 @@ def main() -> None:
         except UsageError as e:
             print(f"hvbench: error: {e}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # the runs that were running are KILLED in MLflow
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

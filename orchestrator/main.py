@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -19,8 +21,8 @@ from hvmodel.errors import ConfigError
 from hvmodel.metrics import summarize
 from hvmodel.trace import TraceError, save_binary
 from orchestrator import report
-from orchestrator.scenario import build_scenario
-from orchestrator.sharding import Progress, run_shards
+from orchestrator.scenario import Scenario, build_scenario
+from orchestrator.sharding import Progress, run_shards, shard_plan
 from orchestrator.tracking import git_commit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,20 +73,64 @@ def job_identity(cfg: DictConfig) -> tuple[str, str, dict]:
 
 def run(cfg: DictConfig) -> dict:
     """One job. Bad input raises ConfigError before anything is written to MLflow."""
+    return prepare(cfg)()
+
+
+@dataclass
+class Job:
+    """One job, checked and built, with what it took from Hydra's job context (which is global:
+    one job at a time); calling it runs the job, in any thread of this process."""
+
+    scenario: Scenario
+    cluster: object
+    tracker: object
+    shards: int
+    out: Path
+    experiment: str
+    run_name: str
+    tags: dict
+    params: dict
+    save: Path | None
+
+    @property
+    def cpus(self) -> float:
+        """Ray CPUs the job holds while it runs: one bundle per shard."""
+        return len(shard_plan(self.scenario.topo.numa_nodes, self.shards)) * self.cluster.cpus_per_shard
+
+    def __call__(self) -> dict:
+        return execute(self)
+
+
+def prepare(cfg: DictConfig) -> Job:
     scenario = build_scenario(cfg)
-    cluster = instantiate(cfg.cluster)
-    tracker = instantiate(cfg.tracking)
     out = Path(HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     experiment, run_name, tags = job_identity(cfg)
-    if cfg.trace.save:
-        n = save_binary(scenario.make_trace(), Path(cfg.trace.save))
-        print(f"[hvbench] trace: {n:,} events written to {cfg.trace.save}", file=sys.stderr)
-    with tracker.start_run(experiment, run_name, tags) as job:
-        job.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    return Job(
+        scenario=scenario,
+        cluster=instantiate(cfg.cluster),
+        tracker=instantiate(cfg.tracking),
+        shards=cfg.shards,
+        out=out,
+        experiment=experiment,
+        run_name=run_name,
+        tags=tags,
+        params=flatten(OmegaConf.to_container(cfg, resolve=True)),
+        save=Path(cfg.trace.save) if cfg.trace.save else None,
+    )
+
+
+def execute(j: Job) -> dict:
+    """Run a prepared job: its shards on Ray, its MLflow run and artifacts from this process."""
+    scenario, out, run_name = j.scenario, j.out, j.run_name
+    if j.save is not None:
+        n = save_binary(scenario.make_trace(), j.save)
+        print(f"[hvbench] trace: {n:,} events written to {j.save}", file=sys.stderr)
+    with j.tracker.start_run(j.experiment, run_name, j.tags) as job:
+        job.log_params(j.params)
         t0 = time.perf_counter()
-        progress = Progress(min(cfg.shards, scenario.topo.numa_nodes), scenario.workload.duration_ns)
-        result = run_shards(scenario, cluster, cfg.shards, progress)
+        progress = Progress(min(j.shards, scenario.topo.numa_nodes), scenario.workload.duration_ns, label=run_name)
+        result = run_shards(scenario, j.cluster, j.shards, progress)
         wall = time.perf_counter() - t0
         summary = summarize(result, scenario.topo.rt_mask(), result["duration_ns"] / 1e9)
         # the slowest shard's replay, and its trace generation, apart; job_wall_s has Ray start-up too
@@ -115,10 +161,16 @@ def write_artifacts(out: Path, summary: dict, result: dict, scenario, title: str
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def app(cfg: DictConfig) -> float:
+def app(cfg: DictConfig):
+    """A single run runs here; under the concurrent launcher (orchestrator.launcher) the job is
+    only prepared here and runs later, in a thread of this process."""
     try:
-        summary = run(cfg)
+        if DEFER.get():
+            return prepare(cfg)
+        return run(cfg)["stale_tlb_uses"]
     except (ConfigError, TraceError) as e:  # bad input: one line, exit 2 (the run, if any, is FAILED)
         print(f"hvbench: error: {e}", file=sys.stderr)
         sys.exit(2)
-    return summary["stale_tlb_uses"]
+
+
+DEFER: contextvars.ContextVar[bool] = contextvars.ContextVar("hvbench_defer", default=False)

@@ -74,17 +74,16 @@ def osnoise_top(result: dict, topo: Topology, duration_ns: int, period_us: int) 
 
 
 def heatmap(result: dict, topo: Topology, path: Path, title: str = "") -> None:
-    """IPIs received and noise per pCPU, one row per NUMA node (CPUs in node order)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """IPIs received and noise per pCPU, one row per NUMA node (CPUs in node order). Drawn on a
+    Figure of its own, not pyplot's global one: jobs of a sweep draw at the same time."""
+    from matplotlib.figure import Figure
 
     pc = result["per_cpu"]
     node = topo.node_of()
     rows = [np.flatnonzero(node == n) for n in range(topo.numa_nodes)]
     width = max(len(r) for r in rows)
-    fig, axes = plt.subplots(2, 1, figsize=(min(16, 4 + width / 16), 2 + topo.numa_nodes * 0.25), squeeze=False)
+    fig = Figure(figsize=(min(16, 4 + width / 16), 2 + topo.numa_nodes * 0.25))
+    axes = fig.subplots(2, 1, squeeze=False)
     for ax, (key, label) in zip(axes[:, 0], (("ipi", "IPIs received"), ("noise_us", "noise (us)"))):
         grid = np.full((topo.numa_nodes, width), np.nan)
         values = pc["ipi_flush"] + pc["ipi_vmclear"] if key == "ipi" else pc[key]
@@ -97,7 +96,6 @@ def heatmap(result: dict, topo: Topology, path: Path, title: str = "") -> None:
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def stale_verdict(summary: dict, examples: list[dict], strategy: str) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -134,16 +135,16 @@ class ShardRunner:
                 if cut > start:
                     self._replay(chunk[start:cut], index[start:cut])
                     start = cut
-                self._remote(groups[g])
+                self._deliver_foreign(groups[g])
                 g += 1
             self._replay(chunk[start:], index[start:])
         for group in groups[g:]:
-            self._remote(group)
+            self._deliver_foreign(group)
         self.window = []
         self.replay_s += time.perf_counter() - t0
         return self._progress(self.exhausted and self.pending is None)
 
-    def _remote(self, group: list[tuple[int, int, int, int]]) -> None:
+    def _deliver_foreign(self, group: list[tuple[int, int, int, int]]) -> None:
         self.engine.remote_on_each_cpu(group[0][1], [(src, hpa) for _, _, src, hpa in group])
 
     def result(self) -> dict:
@@ -227,10 +228,12 @@ class ShardFailed(RuntimeError):
 # --- progress -----------------------------------------------------------------------------
 @dataclass
 class Progress:
-    """Shards done, simulated seconds, events/s: a live line on a terminal, plain lines in logs."""
+    """Shards done, simulated seconds, events/s and an ETA: a live line on a terminal (when
+    one job runs), plain lines otherwise."""
 
     shards: int
     duration_ns: int | None
+    label: str = ""
     stream: object = sys.stderr
     every_s: float = 5.0
     state: dict = field(default_factory=dict)
@@ -240,48 +243,82 @@ class Progress:
     def update(self, shard: int, info: dict, force: bool = False) -> None:
         self.state[shard] = info
         now = time.perf_counter()
-        tty = getattr(self.stream, "isatty", lambda: False)()
+        tty = getattr(self.stream, "isatty", lambda: False)() and not JOBS_IN_PARALLEL.is_set()
         if not force and now - self.last < (0.5 if tty else self.every_s):
             return
         self.last = now
         done = sum(1 for s in self.state.values() if s["done"])
         events = sum(s["events"] for s in self.state.values())
         sim = min((s["sim_ns"] for s in self.state.values() if not s["done"]), default=self.duration_ns or 0)
-        rate = events / max(now - self.t0, 1e-9)
-        total = f"/{self.duration_ns / 1e9:.2f}" if self.duration_ns else ""
-        line = f"[hvbench] shards {done}/{self.shards} done | sim {sim / 1e9:.2f}{total} s | {events:,} events | {rate:,.0f} events/s"
+        elapsed = max(now - self.t0, 1e-9)
+        line = f"[hvbench] {self.label + ': ' if self.label else ''}shards {done}/{self.shards} done | sim {sim / 1e9:.2f}"
+        if self.duration_ns:
+            left = elapsed * (self.duration_ns - sim) / sim if 0 < sim < self.duration_ns else 0.0
+            line += f"/{self.duration_ns / 1e9:.2f} s | {events:,} events | {events / elapsed:,.0f} events/s | ETA {left:.0f} s"
+        else:
+            line += f" s | {events:,} events | {events / elapsed:,.0f} events/s"
         self.stream.write(("\r" + line) if tty else line + "\n")
         if tty and force:
             self.stream.write("\n")
         self.stream.flush()
 
 
+# Set by the concurrent launcher: progress goes line by line, and Ctrl-C (which only the main
+# thread sees) stops every job's driver loop.
+JOBS_IN_PARALLEL = threading.Event()
+CANCEL = threading.Event()
+
+
+def _wait(refs: list, num_returns: int) -> list:
+    """ray.wait that notices CANCEL: a job interrupted while it waits for its shards."""
+    import ray
+
+    while True:
+        ready, _ = ray.wait(refs, num_returns=num_returns, timeout=0.5)
+        if len(ready) >= num_returns:
+            return ready
+        if CANCEL.is_set():
+            raise KeyboardInterrupt
+
+
 # --- the driver side ----------------------------------------------------------------------------
 def run_shards(scenario: Scenario, cluster, shards: int, progress: Progress | None = None) -> dict:
     """Run the scenario on `shards` Ray actors and merge their results."""
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     cluster.ensure()
     plan = shard_plan(scenario.topo.numa_nodes, shards)
+    needed, total = len(plan) * cluster.cpus_per_shard, ray.cluster_resources().get("CPU", 0)
+    if needed > total:  # the shards run together (a window's broadcasts go from each to every other)
+        per = f"cluster.cpus_per_shard={cluster.cpus_per_shard:g}"
+        raise ConfigError("shards", f"{len(plan)} shards x {per} need {needed:g} CPUs at once; the Ray cluster has {total:g}")
     split = len(plan) > 1 and scenario.node_local()
     ref = ray.put(scenario)
     actor_cls = ray.remote(num_cpus=cluster.cpus_per_shard, max_restarts=0)(ShardRunner)
     job = uuid.uuid4().hex[:8]
     attempts = [0] * len(plan)
+    # all of a job's shards start together or not at all (jobs of a sweep queue here for CPUs)
+    group = placement_group([{"CPU": cluster.cpus_per_shard}] * len(plan), strategy="SPREAD")
 
     def start(i: int):  # named, so that operators (and tests) can find a shard's actor
         name = f"hvbench-{job}-shard{i}-try{attempts[i]}"
-        return actor_cls.options(name=name, scheduling_strategy="SPREAD").remote(ref, plan[i], split)
+        where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
+        return actor_cls.options(name=name, scheduling_strategy=where).remote(ref, plan[i], split)
 
-    actors = [start(i) for i in range(len(plan))]
+    actors = []
     try:
+        _wait([group.ready()], 1)
+        actors = [start(i) for i in range(len(plan))]
         if split and scenario.strategy.on_each_cpu:
             results = _step_windows(actors, plan, start, attempts, cluster.max_retries, progress)
         else:
             results = _gather(actors, plan, start, attempts, cluster.max_retries, progress)
-    finally:  # done, failed or interrupted: no actor outlives the job
+    finally:  # done, failed or interrupted: no actor outlives the job, nor its CPUs
         for a in actors:
             ray.kill(a)
+        remove_placement_group(group)
     merged = merge(results, scenario.max_examples, split=split)
     merged["duration_ns"] = results[0]["duration_ns"]
     merged["engine"] = results[0]["engine"]
@@ -307,7 +344,7 @@ def _gather(actors: list, plan: list[list[int]], start, attempts: list[int], max
     pending = {a.advance.remote(): i for i, a in enumerate(actors)}
     results: list[dict | None] = [None] * len(plan)
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        ready = _wait(list(pending), 1)
         i = pending.pop(ready[0])
         try:
             info = ray.get(ready[0])
@@ -337,6 +374,7 @@ def _step_windows(actors: list, plan: list[list[int]], start, attempts: list[int
     def call(method: str, args: list) -> list:
         refs = [getattr(a, method).remote(*x) for a, x in zip(actors, args)]
         try:
+            _wait(refs, len(refs))
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:
             i = next(i for i, r in enumerate(refs) if _failed(r))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,11 @@ def _db_lock(uri: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# Jobs of a sweep run in threads of the driver: one MLflow call at a time (an embedded SQLite
+# store takes one writer; the calls are few and short).
+_MLFLOW = threading.Lock()
+
+
 class JobRun:
     """Logging into one MLflow run."""
 
@@ -49,20 +55,21 @@ class JobRun:
     def log_metrics(self, metrics: dict[str, float]) -> None:
         ts = _now_ms()
         batch = [Metric(k, float(v), ts, 0) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        with _MLFLOW:
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def log_params(self, params: dict[str, object]) -> None:
         batch = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
-        self.client.log_batch(self.run_id, params=batch)
+        with _MLFLOW:
+            self.client.log_batch(self.run_id, params=batch)
 
     def set_tags(self, tags: dict[str, object]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with _MLFLOW:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        with _MLFLOW:
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
 
 
 def _now_ms() -> int:
@@ -95,20 +102,27 @@ class MlflowTracker:
     @contextmanager
     def start_run(self, experiment: str, run_name: str, tags: dict[str, object]) -> Iterator[JobRun]:
         client = self.client()
-        exp_id = self.experiment_id(client, self.experiment or experiment)
-        run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+        with _MLFLOW:
+            exp_id = self.experiment_id(client, self.experiment or experiment)
+            tags = {**tags, "driver_pid": os.getpid()}  # the process that logs the run: always the driver
+            run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
         job = JobRun(client, run.info.run_id)
         try:
             yield job
         except KeyboardInterrupt:
-            client.set_tag(job.run_id, "error", "interrupted")
-            client.set_terminated(job.run_id, "KILLED")
+            self._end(client, job.run_id, "KILLED", "interrupted")
             raise
         except BaseException as e:
-            client.set_tag(job.run_id, "error", f"{type(e).__name__}: {e}"[:5000])
-            client.set_terminated(job.run_id, "FAILED")
+            self._end(client, job.run_id, "FAILED", f"{type(e).__name__}: {e}"[:5000])
             raise
-        client.set_terminated(job.run_id, "FINISHED")
+        self._end(client, job.run_id, "FINISHED")
+
+    @staticmethod
+    def _end(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
+        with _MLFLOW:
+            if error is not None:
+                client.set_tag(run_id, "error", error)
+            client.set_terminated(run_id, status)
 
 
 def git_commit(repo: Path) -> str:

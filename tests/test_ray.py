@@ -33,7 +33,7 @@ def same(a: dict, b: dict) -> None:
 def test_ray_shards_equal_in_process(ray_session):
     s = scenario(1.0)
     expected = ShardRunner(s, [0, 1, 2, 3]).run()
-    result = run_shards(s, LocalRay(), 3)
+    result = run_shards(s, LocalRay(cpus_per_shard=0.5), 3)  # 3 shards at once on 2 CPUs
     same(result, expected)
     assert [sh["nodes"] for sh in result["shards"]] == [[0, 1], [2], [3]]
     assert result["vm"]["events"] > 1000
