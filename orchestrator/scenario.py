@@ -17,7 +17,7 @@ from hvmodel.errors import ConfigError
 from hvmodel.host import Topology
 from hvmodel.metrics import NoiseBudget
 from hvmodel.trace import Trace
-from hvmodel.workload import Workload
+from hvmodel.workloads.base import Workload
 
 GROUPS = ("host", "workload", "strategy", "cost", "noise", "cluster", "tracking")
 

@@ -14,7 +14,9 @@ from hvmodel.strategies.per_root_cpumask_clear import PerRootCpumaskClear
 from hvmodel.strategies.root_generation import RootGeneration
 from hvmodel.strategies.upstream import Upstream
 from hvmodel.strategies.vm_ever_ran_mask import VmEverRanMask
-from hvmodel.workload import Overcommit, PartitionedPinned, RtMixed
+from hvmodel.workloads.overcommit import Overcommit
+from hvmodel.workloads.partitioned_pinned import PartitionedPinned
+from hvmodel.workloads.rt_mixed import RtMixed
 from orchestrator.scenario import Scenario
 from orchestrator.sharding import ShardRunner, shard_plan
 

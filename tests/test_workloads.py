@@ -9,7 +9,9 @@ from hvmodel.errors import ConfigError
 from hvmodel.host import Topology
 from hvmodel.strategies.upstream import Upstream
 from hvmodel.trace import Ev
-from hvmodel.workload import BEST_EFFORT_VM_BASE, Overcommit, PartitionedPinned, RtMixed
+from hvmodel.workloads.overcommit import Overcommit
+from hvmodel.workloads.partitioned_pinned import PartitionedPinned
+from hvmodel.workloads.rt_mixed import BEST_EFFORT_VM_BASE, RtMixed
 
 HOSTS = [
     Topology(nr_cpus=16, smt=2, housekeeping_per_node=1, name="x16"),

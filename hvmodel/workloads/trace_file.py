@@ -1,0 +1,40 @@
+"""trace: replay a saved trace file instead of generating one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hvmodel.errors import ConfigError
+from hvmodel.host import Topology
+from hvmodel.trace import Trace, TraceError, load
+from hvmodel.workloads.base import Workload
+
+
+class TraceFile(Workload):
+    """Replay a saved trace (binary, or the JSON Lines text format of docs/trace-format.md)."""
+
+    name = "trace"
+
+    def __init__(self, path: str | None = None):
+        if not path:
+            raise ConfigError("workload.path", "workload=trace needs workload.path=FILE")
+        self.path = path
+        self.duration_ns = None
+
+    def check(self, topo: Topology) -> None:
+        """Parse the file now, so a bad line is reported before anything runs."""
+        self.trace(topo, 0)
+
+    def node_local(self, topo: Topology) -> bool:
+        return False  # whatever the file holds is replayed whole
+
+    def trace(self, topo: Topology, seed: int, nodes: Sequence[int] | None = None, reference: bool = False) -> Trace:
+        """The file's trace; `seed` and `reference` mean nothing here, `nodes` is refused."""
+        if nodes is not None:
+            raise ValueError("workload trace replays its file whole: it cannot generate by node")
+        try:
+            return load(self.path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise ConfigError("workload.path", f"no such file: {self.path}") from None
+        except TraceError as e:
+            raise ConfigError("workload.path", f"{self.path}: {e}") from None
