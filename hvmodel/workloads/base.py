@@ -692,7 +692,7 @@ class CompiledStream:
 def reference_chunks(streams: list[Iterator[tuple]], chunk_events: int) -> Iterator[np.ndarray]:
     """Merge the streams' events by (time_ns, stream): heapq.merge keeps equal keys in the order
     of its inputs. Chunks of exactly chunk_events (the last one shorter)."""
-    events = heapq.merge(*streams, key=itemgetter(0))
+    events = heapq.merge(*streams, key=itemgetter(0)) if len(streams) > 1 else iter(streams[0] if streams else ())
     while batch := list(islice(events, chunk_events)):
         yield np.array(batch, dtype=EVENT_DTYPE)
 
