@@ -120,8 +120,10 @@ def test_node_subsets_of_compiled_and_reference_agree():
             assert np.array_equal(a, b)
 
 
-def test_growing_the_heap_keeps_the_trace(monkeypatch):
-    """Start every compiled heap with no spare room, so that it doubles many times mid-window."""
+def test_growing_the_buffers_keeps_the_trace(monkeypatch):
+    """Start every compiled heap and output buffer with no spare room, so that they double many
+    times mid-window."""
+    monkeypatch.setattr(base, "OUT_EVENTS", 1)
     for module in (partitioned_pinned, overcommit):
         monkeypatch.setattr(module, "stream_fields", lambda *args: base.stream_fields(*args[:-1], 0))
     for case in ("pinned", "overcommit_nested_ept", "rt_mixed"):

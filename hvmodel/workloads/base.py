@@ -319,12 +319,15 @@ STREAM_FIELDS = [
     ("heap", np.ndarray),  # int64 [3, capacity]
     ("calls", np.ndarray),  # int64 [capacity, 5]
     ("n", np.ndarray),  # int64: HEAP_N, NEXT_SEQ, OUT_N, NEXT_VM, then the workload's counters
-    ("out", np.ndarray),  # EVENT_DTYPE: events emitted since the driver last drained them
+    ("out", np.ndarray),  # EVENT_DTYPE: the events of the current window
     ("vms", np.ndarray),  # VM_DTYPE [slots]
     ("vcpus", np.ndarray),  # the workload's vCPU dtype [slots, max vCPUs per VM]
     ("lc", Lifecycle),
     ("duration_ns", int),
 ]
+
+
+OUT_EVENTS = 1 << 14  # first size of a stream's output buffer
 
 
 def callback_room(max_vcpus: int, lifecycle: VmLifecycle) -> int:
@@ -335,8 +338,9 @@ def callback_room(max_vcpus: int, lifecycle: VmLifecycle) -> int:
 
 
 def stream_fields(fleet: VmFleet, slots: int, max_vcpus: int, vcpu_dtype: np.dtype, counters: int, heap_rows: int) -> dict:
-    """The STREAM_FIELDS of `fleet`'s compiled twin, no VM created yet. The heap grows when
-    needed (CompiledStream), the output buffer is drained when full."""
+    """The STREAM_FIELDS of `fleet`'s compiled twin, no VM created yet; `heap_rows` is a first
+    guess at the pending callbacks. The heap and the output buffer grow when needed
+    (CompiledStream.advance)."""
     lc = fleet.lifecycle
     room = callback_room(max_vcpus, lc)
     n = np.zeros(counters, np.int64)
@@ -349,7 +353,7 @@ def stream_fields(fleet: VmFleet, slots: int, max_vcpus: int, vcpu_dtype: np.dty
         "heap": heap,
         "calls": np.zeros((heap.shape[1], 5), np.int64),
         "n": n,
-        "out": np.zeros(max(1 << 14, 2 * room), EVENT_DTYPE),
+        "out": np.zeros(max(OUT_EVENTS, 2 * room), EVENT_DTYPE),
         "vms": np.zeros(slots, VM_DTYPE),
         "vcpus": vcpus,
         "lc": Lifecycle(
@@ -370,7 +374,10 @@ def stream_fields(fleet: VmFleet, slots: int, max_vcpus: int, vcpu_dtype: np.dty
 
 def implements(hook: Callable, state_cls: type, inline: str = "never") -> Callable:
     """Decorator: the function is the compiled `hook` for stream states of `state_cls`, as a
-    VmFleet subclass's method overrides the hook of the same name."""
+    VmFleet subclass's method overrides the hook of the same name. inline="always" suits a pure
+    dispatch (on_callback: inlined into run_until's loop, one call less per event); numba's
+    inlining of helpers that call further inlined helpers miscompiled traces here, so nothing
+    deeper is inlined (tests/test_workloads_compiled.py would show it)."""
 
     def register(impl: Callable) -> Callable:
         @functools.wraps(impl)  # numba checks the typing function's signature against impl's
@@ -447,10 +454,12 @@ def _push(heap, calls, n, duration_ns: int, t: int, op: int, a: int, b: int, c: 
     heap[T, k], heap[SEQ, k], heap[SLOT, k] = t, seq, slot
 
 
-@numba.njit(**INLINE)
+@numba.njit(**INLINE)  # a leaf wrapper: the call goes to _push with three arrays, not the whole state
 def at(st, t: int, op: int, a: int = 0, b: int = 0, c: int = 0, d: int = 0) -> None:
     """Sim.at: push a callback, unless it falls after the end of the trace."""
-    _push(st.heap, st.calls, st.n, st.duration_ns, t, op, a, b, c, d)
+    # plain int64s: one compiled _push, not one per literal callback number or omitted argument
+    i64 = np.int64
+    _push(st.heap, st.calls, st.n, st.duration_ns, i64(t), i64(op), i64(a), i64(b), i64(c), i64(d))
 
 
 @numba.njit(**JIT)
@@ -492,9 +501,11 @@ def _emit(out, n, t: int, kind: int, vm: int, vcpu: int, pcpu: int, arg: int) ->
     r.time_ns, r.kind, r.vm, r.vcpu, r.pcpu, r.arg = t, kind, vm, vcpu, pcpu, arg
 
 
-@numba.njit(**INLINE)
+@numba.njit(**INLINE)  # as `at`
 def emit(st, t: int, kind: int, vm: int, vcpu: int = -1, pcpu: int = -1, arg: int = 0) -> None:
-    _emit(st.out, st.n, t, kind, vm, vcpu, pcpu, arg)
+    """Sim.emit."""
+    i64 = np.int64
+    _emit(st.out, st.n, i64(t), i64(kind), i64(vm), i64(vcpu), i64(pcpu), i64(arg))
 
 
 # -- hooks: each workload implements them for its state type (see `implements`) -------------
