@@ -178,7 +178,8 @@ class VmFleet:
         raise NotImplementedError
 
     def compiled(self) -> CompiledStream:
-        """The compiled twin of this stream, in its initial state (same RNG, not yet started)."""
+        """The compiled twin of this stream, started (first callbacks pushed), drawing from the
+        same RNG; use it or `events`, not both."""
         raise NotImplementedError
 
     # -- lifecycle ------------------------------------------------------------------------

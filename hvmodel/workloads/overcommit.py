@@ -18,6 +18,7 @@ from hvmodel.trace import Ev, pack_nested_vmenter
 from hvmodel.workloads import base
 from hvmodel.workloads.base import (
     FIRST_WORKLOAD_OP,
+    INLINE,
     JIT,
     MS,
     N_COUNTERS,
@@ -512,7 +513,7 @@ def _boot_one(st, rng, t: int, p: int) -> None:
     base.boot(st, rng, t, p)
 
 
-@numba.njit(**JIT)
+@numba.njit(**INLINE)
 def _slice_end(st, rng, t: int, p: int, i: int, cpu: int, life: int) -> None:
     v = st.vcpus[p, i]
     if not current(st, p, life) or not v.running or v.cpu != cpu:
@@ -527,13 +528,13 @@ def _slice_end(st, rng, t: int, p: int, i: int, cpu: int, life: int) -> None:
         at(st, t + _slice_ns(rng, st.run_ms), SLICE_END, p, i, cpu, life)
 
 
-@numba.njit(**JIT)
+@numba.njit(**INLINE)
 def _wake(st, rng, t: int, p: int, i: int, life: int) -> None:
     if current(st, p, life):
         base.place_vcpu(st, rng, t, p, i)
 
 
-@numba.njit(**JIT)
+@numba.njit(**INLINE)
 def _nested_step(st, rng, t: int, p: int, life: int) -> None:
     if not current(st, p, life):
         return
@@ -558,6 +559,7 @@ def _nested_step(st, rng, t: int, p: int, life: int) -> None:
     at(st, t + exp_ns(rng, 1 / st.transitions_per_s), NESTED_STEP, p, life)
 
 
+# on_callback and the callbacks it dispatches to are inlined into run_until's loop
 @implements(base.on_callback, SchedState, inline="always")
 def _on_callback(st, rng, t, op, a, b, c, d):
     if op == BOOT_ONE:

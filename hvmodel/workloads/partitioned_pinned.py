@@ -18,6 +18,7 @@ from hvmodel.trace import Ev
 from hvmodel.workloads import base
 from hvmodel.workloads.base import (
     FIRST_WORKLOAD_OP,
+    INLINE,
     JIT,
     N_COUNTERS,
     NS,
@@ -106,6 +107,8 @@ class PartitionedPinned(Workload):
         return parts
 
     def node_stream(self, host: HostCpus, rng: np.random.Generator, node: int, vm_id_limit: int) -> PinnedNode:
+        """The stream of one node's partitions (also rt_mixed's RT side); its VM ids must stay
+        below vm_id_limit."""
         return PinnedNode(self, host, rng, node, vm_id_limit)
 
     def streams(self, host: HostCpus, seed: int, nodes: list[int]) -> list[VmFleet]:
@@ -223,20 +226,21 @@ def _replace(st, rng, t, p):
     at(st, t, BOOT, p)
 
 
-@numba.njit(**JIT)
+@numba.njit(**INLINE)
 def _halt(st, rng, t: int, p: int, i: int, life: int) -> None:
     if current(st, p, life) and st.vcpus[p, i].running:
         base.stop_vcpu(st, rng, t, p, i)
         at(st, t + max(1, ns(rng.exponential(st.halt_us) * US)), WAKE, p, i, life)
 
 
-@numba.njit(**JIT)
+@numba.njit(**INLINE)
 def _wake(st, rng, t: int, p: int, i: int, life: int) -> None:
     if current(st, p, life) and not st.vcpus[p, i].running:
         base.place_vcpu(st, rng, t, p, i)
         at(st, t + exp_ns(rng, 1 / st.halt_per_s), HALT, p, i, life)
 
 
+# on_callback and the callbacks it dispatches to are inlined into run_until's loop
 @implements(base.on_callback, PinnedState, inline="always")
 def _on_callback(st, rng, t, op, a, b, c, d):
     if op == BOOT:  # (slot)
