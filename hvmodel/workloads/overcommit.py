@@ -365,17 +365,20 @@ def _borrowed(st):
 
 @numba.njit(**JIT)
 def _start(st, rng) -> None:
+    """SharedCpuset.start."""
     for k in range(len(st.vms)):
         at(st, ns(rng.uniform(0.0, st.boot_s) * NS), BOOT_ONE, k)
 
 
 @numba.njit(**JIT)
 def _slice_ns(rng, mean_ms: float) -> int:
+    """SharedCpuset.slice_ns."""
     return max(1, ns(rng.exponential(mean_ms) * MS))
 
 
 @numba.njit(**JIT)
 def _idle_add(st, cpu: int) -> None:
+    """_IdleCpus.add."""
     k = st.n[IDLE_N]
     st.idle[k] = cpu
     st.idle_pos[cpu] = k
@@ -384,6 +387,7 @@ def _idle_add(st, cpu: int) -> None:
 
 @numba.njit(**JIT)
 def _idle_remove(st, cpu: int) -> None:
+    """_IdleCpus.remove."""
     k = st.idle_pos[cpu]
     st.idle_pos[cpu] = -1
     last = st.idle[st.n[IDLE_N] - 1]
@@ -395,6 +399,7 @@ def _idle_remove(st, cpu: int) -> None:
 
 @numba.njit(**JIT)
 def _runq_append(st, p: int, i: int) -> None:
+    """SharedCpuset.queue.append((vm, i)): vCPU i of slot p joins the tail of the run queue."""
     n, width = st.n, st.vcpus.shape[1]
     q, tail = p * width + i, n[RUNQ_TAIL]
     v = st.vcpus[p, i]
@@ -409,6 +414,7 @@ def _runq_append(st, p: int, i: int) -> None:
 
 @numba.njit(**JIT)
 def _runq_remove(st, p: int, i: int) -> None:
+    """SharedCpuset.queue.remove((vm, i)), or the pop(0) of its head."""
     n, width = st.n, st.vcpus.shape[1]
     v = st.vcpus[p, i]
     v.queued = False
@@ -426,6 +432,7 @@ def _runq_remove(st, p: int, i: int) -> None:
 
 @numba.njit(**JIT)
 def _dispatch(st, rng, t: int, cpu: int, p: int, i: int) -> None:
+    """SharedCpuset.dispatch."""
     v, vm = st.vcpus[p, i], st.vms[p]
     v.last_cpu = cpu
     v.running = True
@@ -438,6 +445,7 @@ def _dispatch(st, rng, t: int, cpu: int, p: int, i: int) -> None:
 
 @numba.njit(**JIT)
 def _release(st, rng, t: int, cpu: int) -> None:
+    """SharedCpuset.release."""
     width = st.vcpus.shape[1]
     while st.n[RUNQ_LEN] > 0:
         q = st.n[RUNQ_HEAD]
@@ -503,6 +511,7 @@ def _replace(st, rng, t, p):
 
 @numba.njit(**JIT)
 def _boot_one(st, rng, t: int, p: int) -> None:
+    """SharedCpuset.boot_one."""
     vm = st.vms[p]
     vm.vcpus = st.vm_vcpus[rng.integers(0, len(st.vm_vcpus))]
     node = rng.integers(0, len(st.vmm_cpu))
@@ -515,6 +524,7 @@ def _boot_one(st, rng, t: int, p: int) -> None:
 
 @numba.njit(**INLINE)
 def _slice_end(st, rng, t: int, p: int, i: int, cpu: int, life: int) -> None:
+    """SharedCpuset.slice_end."""
     v = st.vcpus[p, i]
     if not current(st, p, life) or not v.running or v.cpu != cpu:
         return
@@ -530,12 +540,14 @@ def _slice_end(st, rng, t: int, p: int, i: int, cpu: int, life: int) -> None:
 
 @numba.njit(**INLINE)
 def _wake(st, rng, t: int, p: int, i: int, life: int) -> None:
+    """SharedCpuset.wake."""
     if current(st, p, life):
         base.place_vcpu(st, rng, t, p, i)
 
 
 @numba.njit(**INLINE)
 def _nested_step(st, rng, t: int, p: int, life: int) -> None:
+    """SharedCpuset.nested_step."""
     if not current(st, p, life):
         return
     vm = st.vms[p].id

@@ -183,6 +183,7 @@ PinnedState = NamedTuple("PinnedState", [*STREAM_FIELDS, ("boot_s", float), ("ha
 
 @numba.njit(**JIT)
 def _start(st: PinnedState, rng) -> None:
+    """PinnedNode.start."""
     for p in range(len(st.vms)):
         at(st, ns(rng.uniform(0.0, st.boot_s) * NS), BOOT, p)
 
@@ -228,6 +229,7 @@ def _replace(st, rng, t, p):
 
 @numba.njit(**INLINE)
 def _halt(st, rng, t: int, p: int, i: int, life: int) -> None:
+    """PinnedNode.halt."""
     if current(st, p, life) and st.vcpus[p, i].running:
         base.stop_vcpu(st, rng, t, p, i)
         at(st, t + max(1, ns(rng.exponential(st.halt_us) * US)), WAKE, p, i, life)
@@ -235,6 +237,7 @@ def _halt(st, rng, t: int, p: int, i: int, life: int) -> None:
 
 @numba.njit(**INLINE)
 def _wake(st, rng, t: int, p: int, i: int, life: int) -> None:
+    """PinnedNode.wake."""
     if current(st, p, life) and not st.vcpus[p, i].running:
         base.place_vcpu(st, rng, t, p, i)
         at(st, t + exp_ns(rng, 1 / st.halt_per_s), HALT, p, i, life)
