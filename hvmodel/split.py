@@ -11,7 +11,7 @@ kick of a vCPU in guest mode by another shard's broadcast changes nothing at VM 
 vCPUs have no pending requests between events), which is why the first pass needs none of them.
 
 Positions are order keys: the event's index in the whole trace, or (time, node) for traces made
-node by node (hvmodel.workload), which are merged in that order.
+node by node (hvmodel.workloads), which are merged in that order.
 """
 
 from __future__ import annotations
@@ -67,8 +67,19 @@ def node_local(trace: Trace, topo: Topology) -> bool:
     return True
 
 
-def local_chunks(trace: Iterable[np.ndarray], topo: Topology, nodes: Iterable[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The events of the VMs of `nodes`, chunk by chunk, each with its index in the whole trace."""
+def by_node(trace: Iterable[np.ndarray], topo: Topology) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """A trace made node by node for some nodes (Workload.trace(nodes=)), chunk by chunk, with
+    each event's order key, (time, node) as one integer, and its index in this trace."""
+    vms, start = VmNodes(), 0
+    for chunk in trace:
+        node = vms.of(chunk)
+        yield chunk, chunk["time_ns"] * topo.numa_nodes + node, start + np.arange(len(chunk))
+        start += len(chunk)
+
+
+def local_chunks(trace: Iterable[np.ndarray], topo: Topology, nodes: Iterable[int]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The events of the VMs of `nodes` in a whole trace, chunk by chunk, each with its order key
+    and its index in the trace, which are the same."""
     vms, start, mine = VmNodes(), 0, np.isin(np.arange(topo.numa_nodes), list(nodes))
     for chunk in trace:
         node = vms.of(chunk)
@@ -77,5 +88,6 @@ def local_chunks(trace: Iterable[np.ndarray], topo: Topology, nodes: Iterable[in
         keep = mine[node]
         if (foreign_pcpus(chunk, node, topo) & keep).any():
             raise ShardingError("a VM of this shard runs on another shard's pCPUs: the trace is not node-local")
-        yield chunk[keep], start + np.flatnonzero(keep)
+        index = start + np.flatnonzero(keep)
+        yield chunk[keep], index, index
         start += len(chunk)

@@ -19,10 +19,10 @@ from hvmodel.errors import ConfigError
 from hvmodel.fast.engine import FastEngine
 from hvmodel.host import Topology
 from hvmodel.metrics import NoiseBudget
-from hvmodel.split import node_local
+from hvmodel.split import by_node, local_chunks
 from hvmodel.strategies.base import check_environment
 from hvmodel.trace import Trace
-from hvmodel.workload import Workload
+from hvmodel.workloads.base import Workload
 
 GROUPS = ("host", "workload", "strategy", "cost", "noise", "cluster", "tracking", "engine")
 
@@ -53,8 +53,16 @@ class Scenario:
 
     def node_local(self) -> bool:
         """Whether every VM stays on one NUMA node, so shards can split the VMs (hvmodel.split)."""
-        check = getattr(self.workload, "node_local", None)
-        return check(self.topo) if check is not None else node_local(self.make_trace(), self.topo)
+        return self.workload.node_local(self.topo)
+
+    def local_chunks(self, nodes: list[int]):
+        """The events of the VMs of `nodes`: (chunk, order keys, indices in the trace) triples,
+        and the trace the indices are of (for error messages)."""
+        if self.workload.generates_by_node:
+            trace = copy.deepcopy(self.workload).trace(self.topo, self.seed, nodes=nodes)
+            return by_node(trace, self.topo), trace
+        trace = self.make_trace()
+        return local_chunks(trace, self.topo, nodes), trace
 
 
 def instantiate_group(cfg: DictConfig, group: str):

@@ -32,7 +32,6 @@ import numpy as np
 
 from hvmodel.errors import ConfigError
 from hvmodel.metrics import merge
-from hvmodel.split import local_chunks
 from hvmodel.trace import Trace, TraceError
 from orchestrator.scenario import Scenario
 
@@ -52,35 +51,41 @@ def shard_plan(numa_nodes: int, shards: int) -> list[list[int]]:
 class ShardRunner:
     """Runs the emulator for one shard, in steps so the driver can show progress: advance() for
     shards that need nothing from each other, ahead() + replay_window() for split shards with
-    broadcasts (each window's broadcasts go through the driver between the two)."""
+    broadcasts (each window's broadcasts go through the driver between the two).
+
+    A split shard's events come as (chunk, order keys, positions in its trace) triples; the keys
+    place its events among every other shard's (hvmodel.split)."""
 
     WINDOW_NS = 1_000_000_000  # simulated time the driver steps split shards with broadcasts by
 
     def __init__(self, scenario: Scenario, nodes: list[int], split: bool = False):
-        self.topo, self.split = scenario.topo, split
-        self.trace = scenario.make_trace()
+        self.split = split
         self.engine = scenario.make_engine(nodes, local_nodes=nodes if split else None)
+        if split:
+            self.chunks, self.trace = scenario.local_chunks(nodes)
+        else:
+            self.trace = scenario.make_trace()
+            self.chunks = ((c, None, None) for c in self.trace)
         # finds this shard's broadcasts a window ahead: VM level only, no pCPU of its own
         self.scout = scenario.make_engine([], local_nodes=nodes) if split and scenario.strategy.on_each_cpu else None
-        self.chunks = local_chunks(self.trace, self.topo, nodes) if split else ((c, None) for c in self.trace)
         self.pending: tuple | None = None  # the part of a chunk beyond the window
         self.exhausted = False  # the trace has no more chunks
-        self.window: list[tuple[np.ndarray, np.ndarray]] = []
+        self.window: list[tuple] = []
         self.mask_series: list[tuple[int, int, int]] = []  # (order key, excursion, change)
         self.replay_s = self.gen_s = 0.0  # replaying the trace; making (or reading) it
 
     def _next(self):
         t0 = time.perf_counter()
-        chunk = next(self.chunks, None)
+        part = next(self.chunks, None)
         self.gen_s += time.perf_counter() - t0
-        return chunk
+        return part
 
-    def _replay(self, chunk: np.ndarray, index: np.ndarray | None) -> None:
+    def _replay(self, chunk: np.ndarray, keys: np.ndarray | None, at: np.ndarray | None) -> None:
         t0 = time.perf_counter()
         base = self.engine.events
-        self.engine.replay(chunk, self.trace if index is None else _Where(self.trace, index, base))
+        self.engine.replay(chunk, self.trace if at is None else _Where(self.trace, at, base))
         if self.split:
-            self.mask_series += [(int(index[i - base]), exc, chg) for i, exc, chg in self.engine.take_mask_series()]
+            self.mask_series += [(int(keys[i - base]), exc, chg) for i, exc, chg in self.engine.take_mask_series()]
         self.replay_s += time.perf_counter() - t0
 
     def advance(self, budget_s: float = 1.0) -> dict:
@@ -88,11 +93,11 @@ class ShardRunner:
         t0 = time.perf_counter()
         done = False
         while time.perf_counter() - t0 < budget_s:
-            chunk = self._next()
-            if chunk is None:
+            part = self._next()
+            if part is None:
                 done = True
                 break
-            self._replay(*chunk)
+            self._replay(*part)
         return self._progress(done)
 
     def _progress(self, done: bool) -> dict:
@@ -108,14 +113,14 @@ class ShardRunner:
             if part is None:
                 self.exhausted = True
                 break
-            chunk, index = part
+            chunk, keys, at = part
             cut = int(np.searchsorted(chunk["time_ns"], t_end))
-            self.pending = (chunk[cut:], index[cut:]) if cut < len(chunk) else None
+            self.pending = (chunk[cut:], keys[cut:], at[cut:]) if cut < len(chunk) else None
             if cut:
                 base = self.scout.events
-                self.scout.replay(chunk[:cut], _Where(self.trace, index, base))
-                out += [(int(index[i - base]), int(chunk["time_ns"][i - base]), src, hpa) for i, src, hpa in self.scout.take_outbox()]
-                self.window.append((chunk[:cut], index[:cut]))
+                self.scout.replay(chunk[:cut], _Where(self.trace, at, base))
+                out += [(int(keys[i - base]), int(chunk["time_ns"][i - base]), src, hpa) for i, src, hpa in self.scout.take_outbox()]
+                self.window.append((chunk[:cut], keys[:cut], at[:cut]))
             if self.pending is not None:
                 break
         self.replay_s += time.perf_counter() - t0
@@ -128,16 +133,16 @@ class ShardRunner:
         t0 = time.perf_counter()
         groups = [list(g) for _, g in itertools.groupby(foreign, key=lambda f: f[0])]  # one foreign event each
         g = 0
-        for chunk, index in self.window:
+        for chunk, keys, at in self.window:
             start = 0
-            while g < len(groups) and groups[g][0][0] < index[-1]:
-                cut = int(np.searchsorted(index, groups[g][0][0]))
+            while g < len(groups) and groups[g][0][0] < keys[-1]:
+                cut = int(np.searchsorted(keys, groups[g][0][0]))
                 if cut > start:
-                    self._replay(chunk[start:cut], index[start:cut])
+                    self._replay(chunk[start:cut], keys[start:cut], at[start:cut])
                     start = cut
                 self._deliver_foreign(groups[g])
                 g += 1
-            self._replay(chunk[start:], index[start:])
+            self._replay(chunk[start:], keys[start:], at[start:])
         for group in groups[g:]:
             self._deliver_foreign(group)
         self.window = []
@@ -161,13 +166,13 @@ class ShardRunner:
 
 
 class _Where:
-    """trace.where() for a shard's chunk of events: local event i is event index[i - base]."""
+    """trace.where() for a shard's chunk of events: local event i is at[i - base] in its trace."""
 
-    def __init__(self, trace: Trace, index: np.ndarray, base: int):
-        self.trace, self.index, self.base = trace, index, base
+    def __init__(self, trace: Trace, at: np.ndarray, base: int):
+        self.trace, self.at, self.base = trace, at, base
 
     def where(self, i: int) -> str:
-        return self.trace.where(int(self.index[i - self.base]))
+        return self.trace.where(int(self.at[i - self.base]))
 
 
 def _ray_node_id() -> str | None:

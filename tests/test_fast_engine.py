@@ -28,7 +28,9 @@ from hvmodel.strategies.root_generation import RootGeneration
 from hvmodel.strategies.upstream import Upstream
 from hvmodel.strategies.vm_ever_ran_mask import VmEverRanMask
 from hvmodel.trace import TraceError, load_text
-from hvmodel.workload import Overcommit, PartitionedPinned, RtMixed
+from hvmodel.workloads.overcommit import Overcommit
+from hvmodel.workloads.partitioned_pinned import PartitionedPinned
+from hvmodel.workloads.rt_mixed import RtMixed
 
 from controls import CurrentRootOnly, NoMigrationFlush, RootMmuOnly
 from tracegen import ACTIONS, HYPERV, TOPO, build_trace

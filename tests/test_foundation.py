@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 from hvmodel.engine import TIMING_KEYS
 from hvmodel.host import Topology
 from hvmodel.trace import Ev
-from hvmodel.workload import Overcommit, PartitionedPinned
+from hvmodel.workloads.overcommit import Overcommit
+from hvmodel.workloads.partitioned_pinned import PartitionedPinned
 from orchestrator.main import run
 
 from conftest import HVBENCH, compose_cfg

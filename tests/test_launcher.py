@@ -78,7 +78,7 @@ def test_sweep_jobs_run_at_the_same_time_and_log_from_the_driver(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_kills_running_jobs_starts_no_queued_one_leaves_no_ray(tmp_path):
     proc = subprocess.Popen(
-        [HVBENCH, "-m", STRATEGIES, "host=x1920", "workload.duration_s=30", "cluster.num_cpus=2", f"hydra.sweep.dir={tmp_path / 's'}"],
+        [HVBENCH, "-m", STRATEGIES, "host=x8192", "workload.duration_s=60", "cluster.num_cpus=2", f"hydra.sweep.dir={tmp_path / 's'}"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

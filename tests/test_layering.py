@@ -18,7 +18,7 @@ for m in pkgutil.walk_packages(hvmodel.__path__, 'hvmodel.'):
     importlib.import_module(m.name)
 from hvmodel.engine import simulate
 from hvmodel.host import Topology
-from hvmodel.workload import PartitionedPinned
+from hvmodel.workloads.partitioned_pinned import PartitionedPinned
 from hvmodel.strategies.upstream import Upstream
 topo = Topology(nr_cpus=8, smt=2)
 _, s = simulate(PartitionedPinned(duration_s=0.2).trace(topo, 1), topo, Upstream())

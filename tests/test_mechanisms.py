@@ -42,7 +42,7 @@ from hvmodel.trace import (
     write_text,
 )
 from hvmodel.vmx import VpidBitmap
-from hvmodel.workload import PartitionedPinned
+from hvmodel.workloads.partitioned_pinned import PartitionedPinned
 
 TDP_L1 = KvmMmuPageRole(level=4, direct=True, guest_mode=False, smm=False, ad_disabled=False)
 TDP_SMM = TDP_L1._replace(smm=True)

@@ -12,7 +12,7 @@ from hvmodel.cost import CostModel
 from hvmodel.host import Topology
 from hvmodel.metrics import NoiseBudget
 from hvmodel.strategies.per_root_cpumask import PerRootCpumask
-from hvmodel.workload import Overcommit
+from hvmodel.workloads.overcommit import Overcommit
 from orchestrator.scenario import Scenario
 from orchestrator.sharding import LocalRay, ShardFailed, ShardRunner, run_shards
 

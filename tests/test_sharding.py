@@ -16,7 +16,11 @@ from hvmodel.strategies.per_root_cpumask_clear import PerRootCpumaskClear
 from hvmodel.strategies.root_generation import RootGeneration
 from hvmodel.strategies.upstream import Upstream
 from hvmodel.strategies.vm_ever_ran_mask import VmEverRanMask
-from hvmodel.workload import Overcommit, PartitionedPinned, RtMixed
+from hvmodel.trace import save_binary
+from hvmodel.workloads.overcommit import Overcommit
+from hvmodel.workloads.partitioned_pinned import PartitionedPinned
+from hvmodel.workloads.rt_mixed import RtMixed
+from hvmodel.workloads.trace_file import TraceFile
 from orchestrator.scenario import Scenario
 from orchestrator.sharding import ShardRunner, run_in_process, shard_plan
 
@@ -94,3 +98,18 @@ def _defaults():
     from hvmodel.metrics import NoiseBudget
 
     return CostModel(), NoiseBudget()
+
+
+@pytest.mark.parametrize("strategy", [Upstream, IpiAllOnAlloc, PerRootCpumask], ids=lambda s: s.name)
+def test_node_local_trace_file_is_split_too(tmp_path, strategy):
+    """A saved trace of pinned VMs is split by its VMs' nodes (each event's index in the file as
+    its order key); one of unpinned VMs is replayed whole by every shard."""
+    pinned, floating = tmp_path / "pinned.hvt", tmp_path / "floating.hvt"
+    save_binary(WORKLOADS["partitioned_pinned_dense"]().trace(BARE, 3), pinned)
+    save_binary(WORKLOADS["overcommit_nested"]().trace(BARE, 3), floating)
+    for path, local in ((pinned, True), (floating, False)):
+        scenario = Scenario(BARE, TraceFile(str(path)), strategy(), *_defaults(), seed=0)
+        assert scenario.node_local() == local
+        whole = run_plan(scenario, 1)
+        for shards in (2, 4):
+            assert_identical(run_plan(scenario, shards), whole)

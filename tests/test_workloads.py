@@ -1,5 +1,5 @@
 """Workload generators: valid, deterministic, chunk-independent traces with the placement each
-workload promises."""
+workload promises, generated whole or node by node."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,11 @@ from hvmodel.engine import Engine
 from hvmodel.errors import ConfigError
 from hvmodel.host import Topology
 from hvmodel.strategies.upstream import Upstream
-from hvmodel.trace import Ev
-from hvmodel.workload import BEST_EFFORT_VM_BASE, Overcommit, PartitionedPinned, RtMixed
+from hvmodel.trace import Ev, unpack_vm_create
+from hvmodel.workloads.base import GENERATOR_VERSION, HostCpus
+from hvmodel.workloads.overcommit import Overcommit
+from hvmodel.workloads.partitioned_pinned import PartitionedPinned
+from hvmodel.workloads.rt_mixed import BEST_EFFORT_VM_BASE, RtMixed
 
 HOSTS = [
     Topology(nr_cpus=16, smt=2, housekeeping_per_node=1, name="x16"),
@@ -58,8 +61,15 @@ def test_deterministic_and_chunk_independent(name):
     a = MAKERS[name]().trace(topo, 11).to_array()
     b = np.concatenate(list(MAKERS[name](chunk=97).trace(topo, 11)))
     assert np.array_equal(a, b)
-    assert max(len(c) for c in MAKERS[name](chunk=97).trace(topo, 11)) <= 97 + 16  # one callback may overshoot
+    chunks = list(MAKERS[name](chunk=97).trace(topo, 11))
+    assert all(len(c) == 97 for c in chunks[:-1]) and 0 < len(chunks[-1]) <= 97
     assert not np.array_equal(a, MAKERS[name]().trace(topo, 12).to_array())
+
+
+def test_meta_records_the_generator_version():
+    trace = MAKERS["overcommit"]().trace(HOSTS[1], 5)
+    assert trace.meta == {"workload": "overcommit", "seed": 5, "host": "t32", "generator_version": GENERATOR_VERSION}
+    assert MAKERS["partitioned_pinned"]().trace(HOSTS[1], 5, nodes=[2, 0]).meta["nodes"] == [0, 2]
 
 
 def vcpu_cpus(events) -> dict:
@@ -125,3 +135,89 @@ def test_rt_mixed_needs_a_cpu_for_best_effort():
         RtMixed(rt={"fill": 1.0}).check(topo)
     assert e.value.key == "workload.rt.fill"
     RtMixed(rt={"fill": 0.5}).check(topo)
+
+
+# --- generation by NUMA node ------------------------------------------------------------------
+NO_HK_ON_NODE_1 = Topology(nr_cpus=32, numa_nodes=4, smt=2, isolcpus="1-7,9-11,13-15,17-23,25-27,29-31", name="t32-1")
+
+
+def node_of_vm(events, topo) -> dict[int, int]:
+    """VM id -> its page node (from vm_create)."""
+    creates = events[events["kind"] == Ev.VM_CREATE]
+    return {int(vm): unpack_vm_create(int(arg))[2] for vm, arg in zip(creates["vm"], creates["arg"])}
+
+
+def test_node_local_says_whether_every_vm_keeps_to_one_node():
+    assert HostCpus(NO_HK_ON_NODE_1).housekeeping[1] == []  # node 1 borrows node 0's VMM CPU
+    pinned = MAKERS["partitioned_pinned"]()
+    assert pinned.node_local(HOSTS[1]) and not pinned.node_local(NO_HK_ON_NODE_1)
+    assert pinned.node_local(HOSTS[0])
+    for name in ("overcommit", "rt_mixed"):
+        assert MAKERS[name]().node_local(HOSTS[0])  # one node: trivially
+        assert not MAKERS[name]().node_local(HOSTS[1])
+
+
+@pytest.mark.parametrize("topo", [HOSTS[1], Topology(nr_cpus=384, sockets=2, numa_nodes=2, smt=2, housekeeping_per_node=2, name="x384")])
+def test_a_pinned_vm_keeps_to_its_node_and_its_id_says_which(topo):
+    """What node_local promises: vCPUs, VMM-thread pCPU and page node of a VM on one node; and
+    VM ids are 1 + node + numa_nodes * k."""
+    node = topo.node_of()
+    for seed in range(3):
+        events = PartitionedPinned(duration_s=0.3, halt_per_s=200, lifecycle=CHURN).trace(topo, seed).to_array()
+        pages = node_of_vm(events, topo)
+        assert len(pages) > 2 * topo.numa_nodes
+        with_pcpu = events[events["pcpu"] >= 0]
+        for vm, pcpu in zip(with_pcpu["vm"].tolist(), with_pcpu["pcpu"].tolist()):
+            assert node[pcpu] == pages[vm] == (vm - 1) % topo.numa_nodes
+        for n in range(topo.numa_nodes):  # the k-th VM of node n
+            ids = sorted(vm for vm, page in pages.items() if page == n)
+            assert ids == [1 + n + topo.numa_nodes * k for k in range(len(ids))]
+
+
+NODE_SETS = [[0], [3], [1, 2], [0, 3], [2, 0, 1], [0, 1, 2, 3], []]
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["compiled", "reference"])
+def test_nodes_gives_the_full_trace_filtered_to_their_vms(reference):
+    topo = HOSTS[1]
+    for seed in range(4):
+        make = lambda: PartitionedPinned(duration_s=0.4, halt_per_s=200, lifecycle=CHURN, chunk_events=501)
+        full = make().trace(topo, seed, reference=reference).to_array()
+        for nodes in NODE_SETS[seed::2] if reference else NODE_SETS:
+            part = make().trace(topo, seed, nodes=nodes, reference=reference).to_array()
+            expect = full[np.isin((full["vm"] - 1) % topo.numa_nodes, nodes)]
+            assert len(part) == len(expect) and np.array_equal(part, expect), (seed, nodes)
+
+
+def test_nodes_on_a_one_node_host_is_all_or_nothing():
+    topo = HOSTS[0]
+    for name in ("overcommit", "rt_mixed", "partitioned_pinned"):
+        full = MAKERS[name]().trace(topo, 4).to_array()
+        assert np.array_equal(MAKERS[name]().trace(topo, 4, nodes=[0]).to_array(), full)
+        assert len(MAKERS[name]().trace(topo, 4, nodes=[]).to_array()) == 0
+
+
+def test_nodes_is_refused_unless_node_local():
+    for make, topo in [
+        (MAKERS["overcommit"], HOSTS[1]),
+        (MAKERS["rt_mixed"], HOSTS[1]),
+        (MAKERS["partitioned_pinned"], NO_HK_ON_NODE_1),
+    ]:
+        with pytest.raises(ValueError, match="not node-local"):
+            make().trace(topo, 0, nodes=[0])
+    with pytest.raises(ValueError, match="outside"):
+        MAKERS["partitioned_pinned"]().trace(HOSTS[1], 0, nodes=[4])
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["compiled", "reference"])
+def test_vm_ids_that_would_collide_stop_the_generator(reference):
+    """rt_mixed's RT ids must stay below BEST_EFFORT_VM_BASE; a node stream given a lower limit
+    stops with an AssertionError (an internal invariant, not a configuration error)."""
+    topo = HOSTS[1]
+    w = PartitionedPinned(duration_s=0.6, lifecycle={**CHURN, "reboot_fraction": 0.0})
+    stream = w.node_stream(HostCpus(topo), w.rng(0, 1), 1, vm_id_limit=10)  # ids 2, 6, then 10
+    with pytest.raises(AssertionError, match="collide"):
+        if reference:
+            list(stream.events())
+        else:
+            stream.compiled().advance(w.duration_ns)
