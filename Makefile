@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 ENGINE := $(VENV)/.engine-stamp
 ENGINE_SRC := setup.py hvmodel/fast/digest.py $(wildcard hvmodel/fast/src/*.h hvmodel/fast/src/*.cpp hvmodel/fast/src/*/*.h)
 
-.PHONY: run test lint scale clean
+.PHONY: run test lint bench scale clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-scale: $(ENGINE)       ## wall time, events/s and peak memory per host size (docs/scaling.md)
+bench: $(ENGINE)       ## engine, generator, shards and sweeps: one table, as ratios (docs/performance.md)
+	$(BIN)/python -m benchmarks.perf $(ARGS)
+
+scale: $(ENGINE)       ## sweep wall time, events/s and peak memory per host size (docs/performance.md)
 	$(BIN)/python -m benchmarks.scale $(ARGS)
 
 clean:

@@ -96,8 +96,7 @@ inline void insert_entry(State& s, i64 cpu, i64 r) {
 // VM entry on cpu with root slot r (-1: a special root, which maps nothing): check, then cache.
 inline void tlb_enter(State& s, i64 cpu, i64 v, i64 r) {
     if (!s.owned[cpu] || r == NONE) return;
-    i64 pid = s.r_pid[r];
-    i64 k = bit_test(s.holder_row(pid), cpu) ? tlb_find(s, cpu, pid) : NONE;
+    i64 k = tlb_find(s, cpu, s.r_pid[r]);  // the pCPU's few entries: one cache line
     if (k == NONE) return insert_entry(s, cpu, r);
     i64 e = cpu * s.tlb_w + k;
     if (s.tlb_serial[e] != s.r_serial[r] || s.tlb_epoch[e] != s.r_epoch[r]) stale_use(s, cpu, v, r, e);
