@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import argparse
 import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as in every hvbench process (orchestrator/__init__.py)
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -167,14 +170,15 @@ def shard_speedup(duration: float) -> list[tuple[str, str, str]]:
     cluster = LocalRay(num_cpus=2)
     cluster.ensure()
     scenario = Scenario(X8192, PartitionedPinned(duration_s=duration), Upstream(), CostModel(), NoiseBudget(), seed=0)
-    walls = []
-    for shards in (1, 2):
+    walls = {1: [], 2: []}
+    for shards in (1, 2, 1, 2):  # alternated, the best of each: the machine is shared
         t0 = time.perf_counter()
         run_shards(scenario, cluster, shards)
-        walls.append(time.perf_counter() - t0)
+        walls[shards].append(time.perf_counter() - t0)
     import ray
 
     ray.shutdown()
+    walls = [min(walls[1]), min(walls[2])]
     return [
         (f"1 shard: x8192 partitioned_pinned upstream {duration:g} s (generate + replay, Ray)", f"{walls[0]:.1f}", "1x"),
         ("2 shards on 2 CPUs, split by node", f"{walls[1]:.1f}", f"{walls[0] / walls[1]:.2f}x"),
@@ -205,10 +209,16 @@ def startup(tmp: Path) -> list[tuple[str, str]]:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", warm], check=True, env={**os.environ, **env}, cwd=tmp)
         out.append((label, f"{time.perf_counter() - t0:.1f}"))
+    src = tmp / "src"  # a clean copy: pip builds in the tree, and the checkout's build/ holds compiled objects
+    for part in ("pyproject.toml", "setup.py", "README.md", "hvmodel", "orchestrator", "hydra_plugins"):
+        if (REPO / part).is_dir():
+            shutil.copytree(REPO / part, src / part, ignore=shutil.ignore_patterns("__pycache__", "*.so", "build"))
+        else:
+            shutil.copy(REPO / part, src / part)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "wheel"), str(REPO)], check=True,
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "wheel"), str(src)], check=True,
                    capture_output=True)  # fmt: skip
-    out.append(("build the C++ engine (pip wheel: an install compiles it once)", f"{time.perf_counter() - t0:.1f}"))
+    out.append(("build the C++ engine from clean sources (pip: once per install)", f"{time.perf_counter() - t0:.1f}"))
     return out
 
 

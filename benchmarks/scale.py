@@ -4,8 +4,8 @@ Runs the real console script (local Ray, SQLite MLflow) in a scratch directory, 
 proportional set size (PSS) of the whole process tree (driver, Ray daemons, shard actors)
 every 0.5 s, and reads the jobs' summary.json files. Prints a Markdown table.
 
-    .venv/bin/python -m benchmarks.scale                      # the hosts of docs/scaling.md
-    .venv/bin/python -m benchmarks.scale --hosts x8192 --duration 10 --shards 2 --strategies all
+    .venv/bin/python -m benchmarks.scale                      # the hosts of docs/performance.md
+    .venv/bin/python -m benchmarks.scale --hosts x8192 --duration 60 --shards 1 --strategies all
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main() -> int:
     p.add_argument("--workload", default="partitioned_pinned")
     p.add_argument("--strategies", default="upstream,active_roots", help="comma list, or 'all' (every bare-metal strategy)")
     p.add_argument("--duration", type=float, default=10.0, help="simulated seconds")
-    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--shards", type=int, default=1)
     p.add_argument("--extra", default="", help="more overrides, space separated")
     a = p.parse_args()
     rows = []
@@ -97,15 +97,15 @@ def main() -> int:
             print(f"{host}: sweep wall {wall:.1f} s, peak PSS of the process tree {peak / 2**30:.2f} GiB", flush=True)
             rows.append((host, "sweep", {"wall": wall, "peak": peak}))
     print(
-        "\n| host | strategy | events | sim s | replay wall s | events/s | stale uses | RT IPIs | INVEPT global |"
-        "\n|---|---|---|---|---|---|---|---|---|"
+        "\n| host | strategy | events | sim s | replay s | replay events/s | generation s | stale uses | RT IPIs | INVEPT global |"
+        "\n|---|---|---|---|---|---|---|---|---|---|"
     )
     for host, job, s in rows:
         if job == "sweep":
-            print(f"| {host} | whole sweep: {s['wall']:.1f} s wall, peak {s['peak'] / 2**30:.2f} GiB | | | | | | | |")
+            print(f"| {host} | whole sweep: {s['wall']:.1f} s wall, peak {s['peak'] / 2**30:.2f} GiB | | | | | | | | |")
         else:
-            cells = (host, job, f"{s['events']:,}", f"{s['sim_seconds']:g}", f"{s['sim_wall_s']:.1f}",
-                     f"{s['events_per_s']:,.0f}", f"{s['stale_tlb_uses']:,}", f"{s['ipi_rt']:,}", f"{s['invept_global']:,}")  # fmt: skip
+            cells = (host, job, f"{s['events']:,}", f"{s['sim_seconds']:g}", f"{s['sim_wall_s']:.1f}", f"{s['events_per_s']:,.0f}",
+                     f"{s['gen_wall_s']:.1f}", f"{s['stale_tlb_uses']:,}", f"{s['ipi_rt']:,}", f"{s['invept_global']:,}")  # fmt: skip
             print("| " + " | ".join(cells) + " |")
     return 0
 

@@ -1,2 +1,8 @@
 """hvbench's orchestration: Hydra configs, Ray shards, MLflow tracking. The only code that
 imports hydra, ray or mlflow."""
+
+import os
+
+# One BLAS thread: the emulator does no linear algebra, and OpenBLAS's idle threads spin on the
+# cores the shards need. Set before numpy is imported (the shard actors inherit it: WORKER_ENV).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

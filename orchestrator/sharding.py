@@ -184,6 +184,10 @@ def _ray_node_id() -> str | None:
         return None
 
 
+# The shard actors' environment on every node: one BLAS thread (see orchestrator/__init__.py).
+WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1"}
+
+
 # --- clusters ---------------------------------------------------------------------------------
 @dataclass
 class LocalRay:
@@ -207,6 +211,7 @@ class LocalRay:
             object_store_memory=self.object_store_memory,
             include_dashboard=False,
             logging_level="warning",
+            runtime_env={"env_vars": WORKER_ENV},
         )
 
 
@@ -223,7 +228,7 @@ class RayCluster:
 
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(address=self.address, logging_level="warning")
+            ray.init(address=self.address, logging_level="warning", runtime_env={"env_vars": WORKER_ENV})
 
 
 class ShardFailed(RuntimeError):
