@@ -210,6 +210,7 @@ def startup(tmp: Path) -> list[tuple[str, str]]:
         subprocess.run([sys.executable, "-c", warm], check=True, env={**os.environ, **env}, cwd=tmp)
         out.append((label, f"{time.perf_counter() - t0:.1f}"))
     src = tmp / "src"  # a clean copy: pip builds in the tree, and the checkout's build/ holds compiled objects
+    src.mkdir()
     for part in ("pyproject.toml", "setup.py", "README.md", "hvmodel", "orchestrator", "hydra_plugins"):
         if (REPO / part).is_dir():
             shutil.copytree(REPO / part, src / part, ignore=shutil.ignore_patterns("__pycache__", "*.so", "build"))

@@ -26,10 +26,14 @@ from hvmodel.trace import Ev, Trace, unpack_vm_create
 
 
 class VmNodes:
-    """The NUMA node of each VM, learnt from its vm_create events as the trace streams by."""
+    """The NUMA node of each VM, learnt from its vm_create events as the trace streams by. VM ids
+    are small (they count VMs), so they index an array; a larger id takes the slow path."""
+
+    DENSE = 1 << 20  # VM ids below this are looked up in the array (2 MiB at most)
 
     def __init__(self) -> None:
         self.node: dict[int, int] = {}
+        self.dense = np.full(0, -1, np.int16)
 
     def of(self, chunk: np.ndarray) -> np.ndarray:
         """The node of each event's VM (-1 for a VM not created yet)."""
@@ -38,7 +42,16 @@ class VmNodes:
             node = unpack_vm_create(arg)[2]
             if self.node.setdefault(vm, node) != node:
                 raise ShardingError(f"VM {vm} is created again on another node")
-        ids, at = np.unique(chunk["vm"], return_inverse=True)
+            if 0 <= vm < self.DENSE:
+                if vm >= len(self.dense):  # grow by doubling
+                    grown = np.full(min(max(vm + 1, 2 * len(self.dense)), self.DENSE), -1, np.int16)
+                    grown[: len(self.dense)] = self.dense
+                    self.dense = grown
+                self.dense[vm] = node
+        vm = chunk["vm"]
+        if len(vm) and vm.min() >= 0 and vm.max() < len(self.dense):
+            return self.dense[vm].astype(np.int64)
+        ids, at = np.unique(vm, return_inverse=True)
         return np.array([self.node.get(v, -1) for v in ids.tolist()], np.int64)[at]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -50,8 +51,15 @@ class HvbenchLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         returns = [self._prepare(initial_job_idx + k, overrides) for k, overrides in enumerate(job_overrides)]
+        jobs = [r.return_value for r in returns if r.status == JobStatus.COMPLETED]
+        # the tracking store opens while Ray starts (ray.init must run in the main thread)
+        tracking = threading.Thread(target=jobs[0].tracker.open, args=(jobs[0].experiment,), daemon=True) if jobs else None
+        if tracking is not None:
+            tracking.start()
         cluster = instantiate(self.config.cluster)
         cluster.ensure()
+        if tracking is not None:
+            tracking.join()
         cpus = _cluster_cpus()
         log.info(
             f"Launching {len(returns)} jobs on {cpus:g} Ray CPUs"

@@ -99,6 +99,15 @@ class MlflowTracker:
                 location = (db.parent / "mlartifacts" / name).as_uri()
             return client.create_experiment(name, artifact_location=location)
 
+    def open(self, experiment: str) -> None:
+        """Open the store (creating an SQLite database takes seconds) and the experiment now:
+        the launcher does this while Ray starts. A failure here is left for the job to report."""
+        try:
+            with _MLFLOW:
+                self.experiment_id(self.client(), self.experiment or experiment)
+        except Exception:  # noqa: BLE001 - the job's start_run raises it again, with its run
+            pass
+
     @contextmanager
     def start_run(self, experiment: str, run_name: str, tags: dict[str, object]) -> Iterator[JobRun]:
         client = self.client()

@@ -6,8 +6,10 @@ vCPUs span nodes). Shards run here in this process (run_in_process), without Ray
 import numpy as np
 import pytest
 
+from hvmodel.errors import ShardingError
 from hvmodel.host import Topology
 from hvmodel.metrics import merge
+from hvmodel.split import VmNodes
 from hvmodel.strategies.active_roots import ActiveRoots
 from hvmodel.strategies.hyperv_flush_hypercall import HypervFlushHypercall
 from hvmodel.strategies.ipi_all_on_alloc import IpiAllOnAlloc
@@ -16,7 +18,7 @@ from hvmodel.strategies.per_root_cpumask_clear import PerRootCpumaskClear
 from hvmodel.strategies.root_generation import RootGeneration
 from hvmodel.strategies.upstream import Upstream
 from hvmodel.strategies.vm_ever_ran_mask import VmEverRanMask
-from hvmodel.trace import save_binary
+from hvmodel.trace import EVENT_DTYPE, Ev, pack_vm_create, save_binary
 from hvmodel.workloads.overcommit import Overcommit
 from hvmodel.workloads.partitioned_pinned import PartitionedPinned
 from hvmodel.workloads.rt_mixed import RtMixed
@@ -62,6 +64,24 @@ def test_pinned_vms_are_split_and_floating_ones_replicated():
     assert Scenario(BARE, WORKLOADS["partitioned_pinned"](), Upstream(), *_defaults(), seed=7).node_local()
     for name in ("overcommit_nested", "rt_mixed"):
         assert not Scenario(BARE, WORKLOADS[name](), Upstream(), *_defaults(), seed=7).node_local(), name
+
+
+def test_vm_nodes_small_ids_and_large_ones():
+    """Small VM ids are looked up in an array, large ones in a dict: either way an event gets its
+    VM's node from that VM's vm_create, -1 before it, and a VM created again elsewhere is refused."""
+    big = VmNodes.DENSE + 5
+
+    def chunk(*events):
+        return np.array([(0, kind, vm, 0, -1, arg) for kind, vm, arg in events], EVENT_DTYPE)
+
+    vms = VmNodes()
+    assert vms.of(chunk((Ev.VM_ENTRY, 3, 0), (Ev.VM_ENTRY, big, 0))).tolist() == [-1, -1]
+    created = chunk((Ev.VM_CREATE, 3, pack_vm_create(1, node=2)), (Ev.VM_CREATE, big, pack_vm_create(1, node=1)))
+    assert vms.of(created).tolist() == [2, 1]
+    assert vms.of(chunk((Ev.VM_ENTRY, 3, 0), (Ev.VM_ENTRY, 4, 0))).tolist() == [2, -1]  # the array path
+    assert vms.of(chunk((Ev.VM_ENTRY, big, 0), (Ev.VM_ENTRY, 3, 0))).tolist() == [1, 2]  # the dict path
+    with pytest.raises(ShardingError, match="VM 3 is created again"):
+        vms.of(chunk((Ev.VM_CREATE, 3, pack_vm_create(1, node=0))))
 
 
 @pytest.mark.parametrize("workload", WORKLOADS)
