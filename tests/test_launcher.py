@@ -83,6 +83,9 @@ def test_ctrl_c_kills_running_jobs_starts_no_queued_one_leaves_no_ray(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell without job control starts background commands with SIGINT ignored (POSIX),
+        # and Python then keeps it ignored: give hvbench the default, as a terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 180
     while running_runs(tmp_path / "mlflow.db") < 2:
