@@ -186,7 +186,7 @@ def shard_speedup(duration: float) -> list[tuple[str, str, str]]:
 
 
 def sweep_speedup(duration: float, tmp: Path) -> list[tuple[str, str, str]]:
-    args = ["-m", "strategy=glob(*,exclude=hyperv_flush_hypercall)", "host=x8192", f"workload.duration_s={duration}",
+    args = ["-m", "strategy=glob(*,exclude=[hyperv_flush_hypercall,*_elide])", "host=x8192", f"workload.duration_s={duration}",
             "cluster.num_cpus=2"]  # fmt: skip
     walls = []
     for launcher in ("basic", "hvbench"):

@@ -83,7 +83,7 @@ def main() -> int:
     rows = []
     for host in a.hosts.split(","):
         with tempfile.TemporaryDirectory(prefix="hvbench-scale-") as tmp:
-            strategies = "glob(*,exclude=hyperv_flush_hypercall)" if a.strategies == "all" else a.strategies
+            strategies = "glob(*,exclude=[hyperv_flush_hypercall,*_elide])" if a.strategies == "all" else a.strategies
             args = ["-m", f"host={host}", f"workload={a.workload}", f"strategy={strategies}", f"workload.duration_s={a.duration}",
                     f"shards={a.shards}", "hydra.sweep.dir=sweep", *a.extra.split()]  # fmt: skip
             wall, peak, out = run(args, Path(tmp))

@@ -33,9 +33,10 @@ from hvmodel.workloads.partitioned_pinned import PartitionedPinned
 from hvmodel.workloads.rt_mixed import RtMixed
 
 from controls import CurrentRootOnly, NoMigrationFlush, RootMmuOnly
+from readings import READINGS
 from tracegen import ACTIONS, HYPERV, TOPO, build_trace
 
-BARE_METAL = [Upstream, IpiAllOnAlloc, VmEverRanMask, ActiveRoots, PerRootCpumask, PerRootCpumaskClear, RootGeneration]
+BARE_METAL = [Upstream, IpiAllOnAlloc, VmEverRanMask, ActiveRoots, PerRootCpumask, PerRootCpumaskClear, RootGeneration, *READINGS]
 CONTROLS = [NoMigrationFlush, CurrentRootOnly, RootMmuOnly]
 TRACES = sorted((Path(__file__).parent / "traces").glob("*.jsonl"))
 

@@ -26,6 +26,8 @@ from hvmodel.workloads.trace_file import TraceFile
 from orchestrator.scenario import Scenario
 from orchestrator.sharding import ShardRunner, run_in_process, shard_plan
 
+from readings import READINGS
+
 BARE = Topology(nr_cpus=32, numa_nodes=4, smt=2, housekeeping_per_node=1, name="t32")
 HYPERV = Topology(nr_cpus=32, numa_nodes=4, smt=2, housekeeping_per_node=1, env="hyperv", name="t32hv")
 CHURN = {"lifetime_s": 0.15, "zap_per_s": 40.0, "boot_s": 0.05, "reboot_fraction": 0.3}
@@ -37,7 +39,7 @@ WORKLOADS = {
     "overcommit_nested": lambda: Overcommit(duration_s=0.3, cpuset="all", vms=12, nested_fraction=0.5, lifecycle=CHURN),
     "rt_mixed": lambda: RtMixed(duration_s=0.3, rt={"fill": 0.5, "lifecycle": CHURN}, best_effort={"vms": 6, "lifecycle": CHURN}),
 }
-STRATEGIES = [Upstream, IpiAllOnAlloc, VmEverRanMask, ActiveRoots, PerRootCpumask, PerRootCpumaskClear, RootGeneration]
+STRATEGIES = [Upstream, IpiAllOnAlloc, VmEverRanMask, ActiveRoots, PerRootCpumask, PerRootCpumaskClear, RootGeneration, *READINGS]
 
 
 def run_plan(scenario: Scenario, shards: int) -> dict:

@@ -4,7 +4,9 @@ Aug 2025), proposed to complement B on huge partitioned / RT hosts.
 B with the broadcast scoped: on root allocation, flush the root only on the VM's ever-ran mask
 (IPIs to the other pCPUs in it). When a vCPU lands on a pCPU not yet in the mask: add it and
 flush, on that pCPU, every valid root of the VM (single-context). As in B, the flush at the end
-of kvm_mmu_load() is gone [inferred: C only changes B's scope]. Remote flushes are unchanged.
+of kvm_mmu_load() is gone [inferred: C only changes B's scope], and the migration flush has B's
+two readings: kept (`vm_ever_ran_mask`, B's diff as posted) or elided (`vm_ever_ran_mask_elide`,
+the intent B's comment states and the mail builds C on). Remote flushes are unchanged.
 Memory: one cpumask per VM.
 """
 
@@ -18,8 +20,8 @@ class VmEverRanMask(IpiAllOnAlloc):
     fast_code = 2  # hvmodel/fast/src/policy.h
     on_each_cpu = False  # B's broadcast scoped to the VM's own pCPUs
 
-    def __init__(self, mask_sizing: str = "nr_cpu_ids"):
-        super().__init__(mask_sizing)
+    def __init__(self, mask_sizing: str = "nr_cpu_ids", elide_migration_flush: bool = False):
+        super().__init__(mask_sizing, elide_migration_flush)
         self.ever_ran: dict[int, set[int]] = {}  # VM id -> pCPUs
 
     def vm_created(self, kvm):
@@ -32,12 +34,12 @@ class VmEverRanMask(IpiAllOnAlloc):
 
     def vcpu_migrated(self, vcpu, cpu):
         mask = self.ever_ran[vcpu.kvm.id]
-        if cpu in mask:
-            return
-        mask.add(cpu)
-        for sp in list(vcpu.kvm.roots.values()):
-            if not sp.invalid:
-                self.host.invept_single(cpu, sp.hpa)
+        if cpu not in mask:
+            mask.add(cpu)
+            for sp in list(vcpu.kvm.roots.values()):
+                if not sp.invalid:
+                    self.host.invept_single(cpu, sp.hpa)
+        super().vcpu_migrated(vcpu, cpu)
 
     def root_allocated(self, vcpu, sp):
         self.flush_root_on(vcpu.cpu, np.array(sorted(self.ever_ran[vcpu.kvm.id]), np.int64), sp)

@@ -16,16 +16,19 @@ namespace hv::policy {
 enum Code { UPSTREAM, IPI_ALL_ON_ALLOC, VM_EVER_RAN_MASK, ACTIVE_ROOTS, PER_ROOT_CPUMASK, PER_ROOT_CPUMASK_CLEAR,
             ROOT_GENERATION, HYPERV_FLUSH_HYPERCALL };
 
-// vcpu_migrated: what vmx_vcpu_load_vmcs() does on a pCPU new to the VMCS
-enum Migrate { MIGRATE_REQUEST_TLB_FLUSH, MIGRATE_NOTHING, MIGRATE_FLUSH_REACHABLE, MIGRATE_FLUSH_VM_ROOTS };
+// vcpu_migrated: what vmx_vcpu_load_vmcs() does on a pCPU new to the VMCS (flags: C as posted
+// flushes the VM's roots and still requests the flush)
+enum Migrate { MIGRATE_NOTHING = 0, MIGRATE_REQUEST_TLB_FLUSH = 1, MIGRATE_FLUSH_REACHABLE = 2, MIGRATE_FLUSH_VM_ROOTS = 4 };
 // root_allocated: which pCPUs flush a new root (on_each_cpu / on_each_cpu_mask)
 enum Alloc { ALLOC_NOTHING, ALLOC_FLUSH_ALL, ALLOC_FLUSH_EVER_RAN };
 
-inline Migrate vcpu_migrated(State& s, i64 v, i64 cpu) {
+inline int vcpu_migrated(State& s, i64 v, i64 cpu) {
+    int request = s.elide_migration_flush ? MIGRATE_NOTHING : MIGRATE_REQUEST_TLB_FLUSH;  // B and C's readings
     switch (s.policy) {
         case UPSTREAM: return MIGRATE_REQUEST_TLB_FLUSH;
-        case IPI_ALL_ON_ALLOC: case HYPERV_FLUSH_HYPERCALL: return MIGRATE_NOTHING;
-        case VM_EVER_RAN_MASK: return vm_ever_ran_mask::first_visit(s, v, cpu) ? MIGRATE_FLUSH_VM_ROOTS : MIGRATE_NOTHING;
+        case IPI_ALL_ON_ALLOC: return request;
+        case HYPERV_FLUSH_HYPERCALL: return MIGRATE_NOTHING;
+        case VM_EVER_RAN_MASK: return (vm_ever_ran_mask::first_visit(s, v, cpu) ? MIGRATE_FLUSH_VM_ROOTS : 0) | request;
         default: return MIGRATE_FLUSH_REACHABLE;
     }
 }

@@ -108,6 +108,7 @@ struct Config {
     double noise_threshold_us, noise_budget_us;
     i64 max_examples;
     i64 policy;  // strategy code (policy.h)
+    bool elide_migration_flush = false;  // B and C: the reading of B's migration flush
     i64 mmus;    // D's flush set: bit 0 root_mmu, bit 1 guest_mmu
     bool prev_roots;
     i64 mask_bytes, table_bytes;  // one strategy cpumask, one generation table (F)
@@ -126,7 +127,7 @@ struct State {
     i64 noise_period_ns;
     double noise_threshold_us, noise_budget_us;
     i64 max_examples, policy, mmus;
-    bool prev_roots;
+    bool elide_migration_flush, prev_roots;
     i64 mask_bytes, table_bytes;
 
     // --- the event being replayed
@@ -212,7 +213,8 @@ struct State {
           local(c.split ? c.local.begin() : c.owned.begin(), c.split ? c.local.end() : c.owned.end()),
           noise_period_ns(c.noise_period_ns),
           noise_threshold_us(c.noise_threshold_us), noise_budget_us(c.noise_budget_us), max_examples(c.max_examples),
-          policy(c.policy), mmus(c.mmus), prev_roots(c.prev_roots), mask_bytes(c.mask_bytes), table_bytes(c.table_bytes),
+          policy(c.policy), mmus(c.mmus),
+          elide_migration_flush(c.elide_migration_flush), prev_roots(c.prev_roots), mask_bytes(c.mask_bytes), table_bytes(c.table_bytes),
           running(n_cpus, NONE), in_guest(n_cpus, NONE), mark(n_cpus, 0), scratch(n_cpus + 64),
           tlb_n(n_cpus, 0), pool(n_nodes), next_pfn(n_nodes, 1), map_keys(64, -1), map_vals(64, 0),
           vblock_free(KVM_MAX_VCPUS + 1, NONE), cnt(N_COUNTERS * n_cpus, 0), flt(N_FLOATS * n_cpus, 0.0),

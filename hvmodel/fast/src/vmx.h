@@ -39,15 +39,12 @@ inline void vmx_vcpu_load_vmcs(State& s, i64 v, i64 cpu) {
     s.vmcs(v, w) = cpu;
     vmcs_load_new_cpu(s, cpu);
     s.fast(v, ROOT_MMU) = 0, s.fast(v, GUEST_MMU) = 0;
-    switch (policy::vcpu_migrated(s, v, cpu)) {
-        case policy::MIGRATE_REQUEST_TLB_FLUSH: s.v_req[v] |= KVM_REQ_TLB_FLUSH; break;
-        case policy::MIGRATE_FLUSH_REACHABLE: flush_reachable_roots(s, v, cpu); break;
-        case policy::MIGRATE_FLUSH_VM_ROOTS:
-            for (i64 r = s.vm_rhead[s.v_vm[v]]; r != NONE; r = s.r_next[r])
-                if (!s.r_invalid[r]) invept_single(s, cpu, s.r_pid[r]);
-            break;
-        case policy::MIGRATE_NOTHING: break;
-    }
+    int what = policy::vcpu_migrated(s, v, cpu);
+    if (what & policy::MIGRATE_FLUSH_REACHABLE) flush_reachable_roots(s, v, cpu);
+    if (what & policy::MIGRATE_FLUSH_VM_ROOTS)
+        for (i64 r = s.vm_rhead[s.v_vm[v]]; r != NONE; r = s.r_next[r])
+            if (!s.r_invalid[r]) invept_single(s, cpu, s.r_pid[r]);
+    if (what & policy::MIGRATE_REQUEST_TLB_FLUSH) s.v_req[v] |= KVM_REQ_TLB_FLUSH;
 }
 
 inline void vmx_switch_vmcs(State& s, i64 v, int w) {
