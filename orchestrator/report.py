@@ -128,9 +128,9 @@ COMPARE_COLUMNS = (
 )
 
 
-def compare_table(rows: list[dict]) -> str:
+def compare_table(rows: list[dict], markdown: bool = False) -> str:
     """rows: dicts with 'strategy', 'host', 'workload' and metric keys. Safety first, then RT
-    IPIs, INVEPT rates, mask memory, overhead."""
+    IPIs, INVEPT rates, mask memory, overhead. Aligned text, or a Markdown table (docs)."""
     rows = sorted(
         rows,
         key=lambda r: (
@@ -152,6 +152,9 @@ def compare_table(rows: list[dict]) -> str:
         ]
         for r in rows
     ]
+    if markdown:
+        line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"
+        return "\n".join([line(head), line(["---"] * len(head)), *map(line, body)]) + "\n"
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: "  ".join(str(c).rjust(w) if i > 3 else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]) + "\n"
@@ -164,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("experiment", nargs="?", help="experiment name (default: the most recent one)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///$PWD/mlflow.db)")
     p.add_argument("--plot", default="comparison.png", help="where to write the comparison plot ('' for none)")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown (for docs)")
     args = p.parse_args(argv)
     try:
         name, rows = load_runs(args.tracking_uri, args.experiment)
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hvbench-report: error: {e}", file=sys.stderr)
         return 2
     print(f"experiment {name}: {len(rows)} finished runs\n")
-    print(compare_table(rows))
+    print(compare_table(rows, args.markdown))
     if args.plot:
         plot_comparison(rows, Path(args.plot), name)
         print(f"plot: {args.plot}")
