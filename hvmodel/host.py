@@ -165,7 +165,6 @@ class Host:
         self.running: list[KvmVcpu | None] = [None] * n  # vCPU loaded here and not put
         self.in_guest: list[KvmVcpu | None] = [None] * n  # vCPU in IN_GUEST_MODE here
         self.guest_mode = np.zeros(n, bool)  # the same, as a mask, for IPIs to many pCPUs
-        self._all_clusters = -(-n // topo.x2apic_cluster_size)
         self.metrics = Metrics(n, noise, max_examples)
         self.oracle = Oracle(self)
         self.pool = PagePool(topo.numa_nodes)
@@ -290,11 +289,13 @@ class Host:
         self.irq_us[cpus] += us
 
     def _icr_writes(self, targets: np.ndarray) -> int:
-        """x2APIC cluster mode sends one ICR write per cluster with targets (physical mode: 1 per CPU)."""
-        cluster = self.topo.x2apic_cluster_size
-        if len(targets) == self.topo.nr_cpus - 1:  # a broadcast: every cluster still has a target
-            return self._all_clusters if cluster > 1 else len(targets)
-        return len(np.unique(targets // cluster))
+        """x2APIC cluster mode sends one ICR write per cluster with targets (physical mode: 1 per
+        CPU). A mask of every online CPU but this one is one all-but-self shorthand write
+        (native_send_call_func_ipi() with apic_use_ipi_shorthand, the ipi_shorthand=auto default
+        once every CPU is online): on_each_cpu() and any request that reaches every other CPU."""
+        if len(targets) == self.topo.nr_cpus - 1:
+            return 1
+        return len(np.unique(targets // self.topo.x2apic_cluster_size))
 
     # --- guest mode (VM-level: every shard tracks every pCPU) -------------------------
     def enter_guest(self, vcpu: KvmVcpu) -> None:

@@ -188,7 +188,9 @@ def mmu_alloc_shadow_roots(vcpu: KvmVcpu) -> KvmMmuRootInfo:
     mmu = vcpu.arch.mmu
     gfn = vcpu.nested_eptp12
     if not vcpu.nested_eptp12_backed:  # !kvm_vcpu_is_visible_gfn(): kvm_mmu_get_dummy_root()
-        return KvmMmuRootInfo(gfn, DUMMY_ROOT_HPA, None)
+        # returns before "mmu->root.pgd = root_pgd": the pgd stays 0, so no single-context L1
+        # INVEPT ever matches (nested_ept_root_matches) and frees the dummy root
+        return KvmMmuRootInfo(0, DUMMY_ROOT_HPA, None)
     sp = kvm_mmu_get_shadow_page(vcpu.kvm, gfn, mmu.root_role)
     sp.root_count += 1
     if sp.root_count == 1:  # "!sp->root_count++": the moment strategy B broadcasts
@@ -237,14 +239,16 @@ def mmu_free_root_page(kvm: Kvm, root: KvmMmuRootInfo) -> bool:
 
 
 def kvm_mmu_free_roots(kvm: Kvm, mmu: KvmMmu, roots_to_free: int) -> None:
+    """prev_roots[0..2] first, then the active root, as mmu.c does: with a LIFO page pool the
+    order decides which freed page the next root reuses."""
     zapped = False
-    if roots_to_free & KVM_MMU_ROOT_CURRENT and VALID_PAGE(mmu.root.hpa):
-        zapped |= mmu_free_root_page(kvm, mmu.root)
-        mmu.root = INVALID_ROOT
     for i in range(KVM_MMU_NUM_PREV_ROOTS):
         if roots_to_free & KVM_MMU_ROOT_PREVIOUS(i) and VALID_PAGE(mmu.prev_roots[i].hpa):
             zapped |= mmu_free_root_page(kvm, mmu.prev_roots[i])
             mmu.prev_roots[i] = INVALID_ROOT
+    if roots_to_free & KVM_MMU_ROOT_CURRENT and VALID_PAGE(mmu.root.hpa):
+        zapped |= mmu_free_root_page(kvm, mmu.root)
+        mmu.root = INVALID_ROOT
     if zapped:  # kvm_mmu_commit_zap_page()
         kvm_flush_remote_tlbs(kvm)
 

@@ -123,8 +123,9 @@ def vmx_flush_tlb_all(vcpu: KvmVcpu) -> None:
 
 
 def vmx_flush_tlb_guest(vcpu: KvmVcpu) -> None:
-    """KVM_REQ_TLB_FLUSH_GUEST: INVVPID single on the current VPID (vpid02 in L2)."""
-    vpid = vcpu.vpid02 if vcpu.guest_mode else vcpu.vpid
+    """KVM_REQ_TLB_FLUSH_GUEST: INVVPID single on the current VPID (vmx_get_current_vpid(): in
+    L2, nested_get_vpid02(), which falls back to L1's vpid when no vpid02 could be allocated)."""
+    vpid = (vcpu.vpid02 or vcpu.vpid) if vcpu.guest_mode else vcpu.vpid
     if vpid:
         vcpu.kvm.host.invvpid(vcpu.cpu)
 

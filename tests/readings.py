@@ -17,4 +17,5 @@ def reading(cls, name: str, **params):
 READINGS = [
     reading(IpiAllOnAlloc, "ipi_all_on_alloc_elide", elide_migration_flush=True),
     reading(VmEverRanMask, "vm_ever_ran_mask_elide", elide_migration_flush=True),
+    reading(VmEverRanMask, "vm_ever_ran_mask_elide_global", elide_migration_flush=True, first_visit_flush="global"),
 ]

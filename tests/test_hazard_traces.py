@@ -43,6 +43,7 @@ STRATEGIES = {
     "C": VmEverRanMask,
     "B~": READINGS[0],  # B and C on the intent of B's comment: no migration flush
     "C~": READINGS[1],
+    "C~g": READINGS[2],  # C~ whose first-arrival flush is one INVEPT all-context
     "D": ActiveRoots,
     "E": PerRootCpumask,
     "E'": PerRootCpumaskClear,
@@ -110,7 +111,10 @@ def test_h2_missing_migration_flush():
     e11/e12: a 1->2, services the request there (global P2); D/E/E'/F flush R on P2 (bit 2 was
     never set). e14/e15: b 3->1: A requests a global, D/E'/F flush R on P1; E skips (bit set),
     B and C do nothing: P1 still caches R at epoch 0 -> h2.
-    VMCLEAR IPIs at e7, e11, e14. Globals: A 6 (e3, e5, e8, e10, e12, e15), others 2."""
+    VMCLEAR IPIs at e7, e11, e14. Globals: A 6 (e3, e5, e8, e10, e12, e15), others 2.
+    C~g: each first arrival is one global instead of the VM's valid roots single-context: P2 at
+    e2 (no root yet: C~ flushed nothing there), P3 at e4, P1 at e7, so 3 more globals and 2
+    fewer singles; P1 is not new to the VM at e14, so the h2 stays."""
     check(
         "h2_missing_migration_flush.jsonl",
         host(4),
@@ -120,6 +124,7 @@ def test_h2_missing_migration_flush():
             "B~": ({"h2": 1}, 4, 2, 4, 3),
             "C": ({}, 3, 6, 1, 3),
             "C~": ({"h2": 1}, 3, 2, 1, 3),
+            "C~g": ({"h2": 1}, 1, 5, 1, 3),
             "D": ({}, 5, 2, 1, 3),
             "E": ({"h2": 1}, 4, 2, 1, 3),
             "E'": ({}, 5, 2, 1, 3),

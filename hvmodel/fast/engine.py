@@ -115,6 +115,7 @@ class FastEngine:
         c.noise_period_ns, c.noise_threshold_us, c.noise_budget_us = noise.period_us * 1000, noise.threshold_us, noise.budget_us
         c.max_examples, c.policy = int(max_examples), code
         c.elide_migration_flush = bool(getattr(strategy, "elide_migration_flush", False))
+        c.first_visit_global = getattr(strategy, "first_visit_flush", "per_root") == "global"
         mmus = getattr(strategy, "mmus", MMUS)
         c.mmus, c.prev_roots = sum(1 << i for i, m in enumerate(MMUS) if m in mmus), bool(getattr(strategy, "prev_roots", True))
         c.mask_bytes, c.table_bytes = strategy_memory(topo.nr_cpus, getattr(strategy, "mask_sizing", "nr_cpu_ids"))

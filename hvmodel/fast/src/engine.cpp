@@ -133,6 +133,7 @@ PYBIND11_MODULE(_engine, m) {
         .def_readwrite("max_examples", &Config::max_examples)
         .def_readwrite("policy", &Config::policy)
         .def_readwrite("elide_migration_flush", &Config::elide_migration_flush)
+        .def_readwrite("first_visit_global", &Config::first_visit_global)
         .def_readwrite("mmus", &Config::mmus)
         .def_readwrite("prev_roots", &Config::prev_roots)
         .def_readwrite("mask_bytes", &Config::mask_bytes)

@@ -114,11 +114,9 @@ inline void leave_guest(State& s, i64 v) {
 }
 
 // --- IPIs -----------------------------------------------------------------------------------
-// x2APIC cluster mode: one ICR write per cluster with targets (physical mode: one per CPU).
-inline i64 icr_writes(const State& s, i64 targets, i64 clusters) {
-    if (targets == s.n_cpus - 1) return s.cluster > 1 ? (s.n_cpus + s.cluster - 1) / s.cluster : targets;
-    return clusters;
-}
+// x2APIC cluster mode: one ICR write per cluster with targets (physical mode: one per CPU);
+// every online CPU but this one: one all-but-self shorthand write (native_send_call_func_ipi).
+inline i64 icr_writes(const State& s, i64 targets, i64 clusters) { return targets == s.n_cpus - 1 ? 1 : clusters; }
 
 // One IPI: kick the vCPU in guest mode there (VM-level), then, on an owned pCPU, receive it and
 // run the handler. Targets are independent, so doing all of this target by target gives what

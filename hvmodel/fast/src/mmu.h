@@ -163,7 +163,7 @@ inline void kvm_mmu_load(State& s, i64 v) {
         i64 r = kvm_tdp_mmu_alloc_root(s, v);
         set_slot(s, v, m, 0, 0, page_hpa(s, s.r_pid[r]), r);
     } else if (!s.v_backed[v]) {  // kvm_mmu_get_dummy_root()
-        set_slot(s, v, m, 0, s.v_eptp12[v], DUMMY_ROOT_HPA, NONE);
+        set_slot(s, v, m, 0, 0, DUMMY_ROOT_HPA, NONE);  // pgd stays 0: no L1 INVEPT matches it
     } else {
         i64 r = kvm_mmu_get_shadow_page(s, s.v_vm[v], s.v_eptp12[v], s.role(v, m));
         s.r_count[r]++;
@@ -197,10 +197,12 @@ inline bool mmu_free_root_page(State& s, i64 vm, i64 r) {
     return false;
 }
 
+// prev_roots[0..2] (slots 1..3) first, then the active root (slot 0), as mmu.c does: with a
+// LIFO page pool the order decides which freed page the next root reuses.
 inline void kvm_mmu_free_roots(State& s, i64 vm, i64 v, int m, i64 roots_to_free) {
     bool zapped = false;
-    for (int k = 0; k < SLOTS; k++)
-        if ((roots_to_free & (1 << k)) && s.m_hpa[s.slot(v, m, k)] != NONE) {
+    for (int j = 1; j <= SLOTS; j++)
+        if (int k = j % SLOTS; (roots_to_free & (1 << k)) && s.m_hpa[s.slot(v, m, k)] != NONE) {
             zapped |= mmu_free_root_page(s, vm, s.m_sp[s.slot(v, m, k)]);
             set_slot(s, v, m, k, 0, NONE, NONE);
         }

@@ -41,7 +41,8 @@ inline void vmx_vcpu_load_vmcs(State& s, i64 v, i64 cpu) {
     s.fast(v, ROOT_MMU) = 0, s.fast(v, GUEST_MMU) = 0;
     int what = policy::vcpu_migrated(s, v, cpu);
     if (what & policy::MIGRATE_FLUSH_REACHABLE) flush_reachable_roots(s, v, cpu);
-    if (what & policy::MIGRATE_FLUSH_VM_ROOTS)
+    if ((what & policy::MIGRATE_FLUSH_VM_ROOTS) && s.first_visit_global) invept_global(s, cpu);
+    else if (what & policy::MIGRATE_FLUSH_VM_ROOTS)
         for (i64 r = s.vm_rhead[s.v_vm[v]]; r != NONE; r = s.r_next[r])
             if (!s.r_invalid[r]) invept_single(s, cpu, s.r_pid[r]);
     if (what & policy::MIGRATE_REQUEST_TLB_FLUSH) s.v_req[v] |= KVM_REQ_TLB_FLUSH;

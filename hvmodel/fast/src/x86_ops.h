@@ -27,9 +27,10 @@ inline void flush_tlb_current(State& s, i64 v) {
 // KVM_REQ_TLB_FLUSH with EPT: ept_sync_global(), unconditionally.
 inline void vmx_flush_tlb_all(State& s, i64 v) { invept_global(s, s.v_cpu[v]); }
 
-// KVM_REQ_TLB_FLUSH_GUEST: INVVPID single on the current VPID (vpid02 in L2).
+// KVM_REQ_TLB_FLUSH_GUEST: INVVPID single on the current VPID (in L2 nested_get_vpid02(), which
+// falls back to L1's vpid when no vpid02 could be allocated).
 inline void vmx_flush_tlb_guest(State& s, i64 v) {
-    if (s.v_gmode[v] ? s.v_vpid02[v] : s.v_vpid[v]) invvpid(s, s.v_cpu[v]);
+    if ((s.v_gmode[v] && s.v_vpid02[v]) || s.v_vpid[v]) invvpid(s, s.v_cpu[v]);
 }
 
 }  // namespace hv
