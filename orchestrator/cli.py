@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 
 from hvmodel.errors import ConfigError
 from hydra_plugins.hvbench_launcher import HvbenchLauncher
-from orchestrator.main import CONF_DIR, app
-from orchestrator.scenario import GROUPS, build_scenario, instantiate_group
+from orchestrator.main import app
+from orchestrator.scenario import CONF_DIR, GROUPS, build_scenario, instantiate_group
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextvars
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -20,13 +19,10 @@ from hvmodel.engine import timing
 from hvmodel.errors import ConfigError
 from hvmodel.metrics import summarize
 from hvmodel.trace import TraceError, save_binary
-from orchestrator import report
-from orchestrator.scenario import Scenario, build_scenario
+from orchestrator import counterexample, report
+from orchestrator.scenario import CONF_DIR, REPO, Scenario, build_scenario
 from orchestrator.sharding import Progress, run_shards, shard_plan
 from orchestrator.tracking import git_commit
-
-REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = str(REPO / "conf")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -38,13 +34,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
         else:
             out[key] = v
     return out
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name and rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def job_identity(cfg: DictConfig) -> tuple[str, str, dict]:
@@ -91,6 +80,7 @@ class Job:
     tags: dict
     params: dict
     save: Path | None
+    shrink_s: float  # seconds to shrink the first stale use into a counter-example (0: off)
 
     @property
     def cpus(self) -> float:
@@ -117,6 +107,7 @@ def prepare(cfg: DictConfig) -> Job:
         tags=tags,
         params=flatten(OmegaConf.to_container(cfg, resolve=True)),
         save=Path(cfg.trace.save) if cfg.trace.save else None,
+        shrink_s=float(cfg.shrink_s),
     )
 
 
@@ -138,6 +129,8 @@ def execute(j: Job) -> dict:
         summary.update(timing(summary["events"], slowest["replay_s"], slowest["gen_s"]))
         summary["job_wall_s"] = wall
         summary["shards"] = len(result["shards"])
+        if summary["stale_tlb_uses"] and j.shrink_s > 0:
+            summary["counterexample_events"] = log_counterexample(j, result, summary["events"])
         write_artifacts(out, summary, result, scenario, run_name)
         job.set_tags({"ray_nodes": ",".join(str(s["node_id"]) for s in result["shards"]), "engine": result["engine"]})
         job.log_metrics(summary)
@@ -151,11 +144,27 @@ def execute(j: Job) -> dict:
     return summary
 
 
+def log_counterexample(j: Job, result: dict, events: int) -> int:
+    """The first stale use, shrunk (orchestrator.counterexample) into the run's artifacts;
+    returns its length in events (0 if none was found in the time budget)."""
+    t0 = time.perf_counter()
+    found = counterexample.find(j.scenario, result["examples"][0], j.shrink_s, events)
+    if found is None:
+        return 0
+    ce, text = found
+    path = j.out / report.COUNTEREXAMPLE
+    counterexample.write(ce, text, path, j.tags["strategy"])
+    print(f"[hvbench] {j.run_name}: a {len(ce.events)}-event counter-example in {time.perf_counter() - t0:.1f} s: {path}", file=sys.stderr)
+    return len(ce.events)
+
+
 def write_artifacts(out: Path, summary: dict, result: dict, scenario, title: str) -> None:
     topo = scenario.topo
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    write_atomic(out / "stale_examples.json", json.dumps(result["examples"], indent=2) + "\n")
-    write_atomic(out / "osnoise_top.txt", report.osnoise_top(result, topo, int(summary["sim_seconds"] * 1e9), scenario.noise.period_us))
+    report.write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    report.write_atomic(out / "stale_examples.json", json.dumps(result["examples"], indent=2) + "\n")
+    report.write_atomic(
+        out / "osnoise_top.txt", report.osnoise_top(result, topo, int(summary["sim_seconds"] * 1e9), scenario.noise.period_us)
+    )
     report.write_per_cpu_csv(result, topo, out / "per_cpu.csv")
     report.heatmap(result, topo, out / "heatmap.png", title)
 

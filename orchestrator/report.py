@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 from hvmodel.host import Topology
 from hvmodel.metrics import HAZARDS
 
+COUNTEREXAMPLE = "counterexample.jsonl"  # a run's shrunk stale use; its walk-through: .txt
 CSV_COLUMNS = (
     "ipi_flush",
     "ipi_vmclear",
@@ -29,6 +31,13 @@ CSV_COLUMNS = (
     "rt_budget_violations",
     "flush_overhead_us",
 )
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name and rename: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_per_cpu_csv(result: dict, topo: Topology, path: Path) -> None:
@@ -141,13 +150,14 @@ def compare_table(rows: list[dict], markdown: bool = False) -> str:
             r.get("flush_overhead_us", 0),
         ),
     )
-    head = ["host", "workload", "strategy", "verdict", *(c[1] for c in COMPARE_COLUMNS)]
+    head = ["host", "workload", "strategy", "verdict", "counter-ex. events", *(c[1] for c in COMPARE_COLUMNS)]
     body = [
         [
             r["host"],
             r["workload"],
             r["strategy"],
             "UNSAFE" if r.get("stale_tlb_uses", 0) else "safe",
+            f"{r['counterexample_events']:.0f}" if r.get("counterexample_events") else "-",
             *(f.format(r.get(k, float("nan"))) for k, _, f in COMPARE_COLUMNS),
         ]
         for r in rows
@@ -156,7 +166,7 @@ def compare_table(rows: list[dict], markdown: bool = False) -> str:
         line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"
         return "\n".join([line(head), line(["---"] * len(head)), *map(line, body)]) + "\n"
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(str(c).rjust(w) if i > 3 else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    fmt = lambda cells: "  ".join(str(c).rjust(w) if i > 4 else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]) + "\n"
 
 
@@ -176,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"experiment {name}: {len(rows)} finished runs\n")
     print(compare_table(rows, args.markdown))
+    for r in sorted(rows, key=lambda r: (r["host"], r["workload"], r["strategy"])):
+        if r.get("counterexample_events"):
+            where = f"runs:/{r['run_id']}/run/{COUNTEREXAMPLE}"
+            n = r["counterexample_events"]
+            print(f"counter-example, {r['strategy']} on {r['host']}/{r['workload']}: {n:.0f} events, {where} (+ .txt)")
     if args.plot:
         plot_comparison(rows, Path(args.plot), name)
         print(f"plot: {args.plot}")

@@ -9,6 +9,7 @@ import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
@@ -24,6 +25,8 @@ from hvmodel.strategies.base import check_environment
 from hvmodel.trace import Trace
 from hvmodel.workloads.base import Workload
 
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = str(REPO / "conf")
 GROUPS = ("host", "workload", "strategy", "cost", "noise", "cluster", "tracking", "engine")
 
 
@@ -90,6 +93,8 @@ def build_scenario(cfg: DictConfig) -> Scenario:
     workload.check(topo)
     if not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ConfigError("seed", f"must be an integer >= 0, got {cfg.seed!r}")
+    if not isinstance(cfg.shrink_s, int | float) or cfg.shrink_s < 0:
+        raise ConfigError("shrink_s", f"must be a number of seconds >= 0, got {cfg.shrink_s!r}")
     if not isinstance(cfg.shards, int) or cfg.shards < 1:
         raise ConfigError("shards", f"must be an integer >= 1, got {cfg.shards!r}")
     return Scenario(
