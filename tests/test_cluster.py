@@ -169,6 +169,6 @@ def test_report_markdown_table_sorts_safe_first_and_keeps_every_column():
         {"host": "x16", "workload": "overcommit", "strategy": "upstream", "stale_tlb_uses": 0, "ipi_rt_per_s": 9.0},
     ]
     lines = compare_table(rows, markdown=True).splitlines()
-    assert lines[0].startswith("| host | workload | strategy | verdict | stale uses |")
+    assert lines[0].startswith("| host | workload | strategy | verdict | counter-ex. events | stale uses |")
     assert lines[1] == "|" + " --- |" * (5 + len(COMPARE_COLUMNS))
     assert [line.split(" | ")[2:5] for line in lines[2:]] == [["upstream", "safe", "-"], ["per_root_cpumask", "UNSAFE", "14"]]
