@@ -159,6 +159,8 @@ def kvm_arch_vcpu_load(vcpu: KvmVcpu, cpu: int) -> None:
     other = host.running[cpu]
     if other is not None:
         raise TraceError(f"vcpu_load: pCPU {cpu} is running {other!r}")
+    if vcpu.cpu not in (-1, cpu) and host.owned[cpu]:
+        host.metrics.cpu["pcpu_changes"][cpu] += 1
     vcpu.cpu, vcpu.loaded = cpu, True
     host.running[cpu] = vcpu
     vmx_vcpu_load_vmcs(vcpu, cpu)

@@ -27,7 +27,9 @@ PER_CPU_COUNTERS = (
     "invept_single",
     "invept_global",
     "invvpid",
-    "migrations",  # vmx_vcpu_load_vmcs with loaded_vmcs->cpu != cpu, landing here
+    "migrations",  # vmx_vcpu_load_vmcs with loaded_vmcs->cpu != cpu, landing here (first loads too)
+    "vmcs_first_loads",  # ... of those, a VMCS's first load (no VMCLEAR IPI: it was active nowhere)
+    "pcpu_changes",  # vcpu_load here of a vCPU whose last pCPU was another one (not its first load)
     "stale_tlb_uses",  # oracle violations at VM entries here
     "noise_events",  # interruptions here at or above the noise threshold
     "rt_budget_violations",  # noise windows here over budget
@@ -204,6 +206,7 @@ RATE_KEYS = (
     "ipi_rt",
     "vmexits_from_ipi",
     "migrations",
+    "pcpu_changes",
     "root_allocs",
     "remote_flushes",
 )
@@ -231,6 +234,8 @@ def summarize(result: dict, rt_mask: np.ndarray, sim_seconds: float) -> dict:
         "rt_budget_violations": int(pc["rt_budget_violations"][rt].sum()),
         "flush_overhead_us": float(pc["flush_overhead_us"].sum()),
         "migrations": int(pc["migrations"].sum()),
+        "vmcs_first_loads": int(pc["vmcs_first_loads"].sum()),
+        "pcpu_changes": int(pc["pcpu_changes"].sum()),
         "root_allocs": int(vm["root_allocs"]),
         "root_frees": int(vm["root_frees"]),
         "remote_flushes": int(vm["remote_flushes"]),

@@ -86,6 +86,8 @@ def vmx_vcpu_load_vmcs(vcpu: KvmVcpu, cpu: int) -> None:
     vmcs = vcpu.loaded_vmcs
     if vmcs.cpu == cpu:  # already_loaded: nothing, even if other vCPUs ran here meanwhile
         return
+    if vmcs.cpu == -1 and host.owned[cpu]:
+        host.metrics.cpu["vmcs_first_loads"][cpu] += 1
     loaded_vmcs_clear(host, vmcs)
     vmcs.cpu = cpu
     host.vmcs_load_new_cpu(cpu)

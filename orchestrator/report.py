@@ -23,6 +23,8 @@ CSV_COLUMNS = (
     "invept_global",
     "invvpid",
     "migrations",
+    "vmcs_first_loads",
+    "pcpu_changes",
     "stale_tlb_uses",
     "noise_us",
     "noise_max_single_us",

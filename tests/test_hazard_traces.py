@@ -293,6 +293,14 @@ def test_hyperv_hypercall_skips_the_root_left_for_smm():
     assert stale == {k for k, want in expected.items() if want[0]}
 
 
+def test_migrations_first_loads_and_pcpu_changes_are_told_apart():
+    """h4_remote_flush: a and b load first on P2 and P3 (two first loads of vmcs01), then a
+    2->1, a 1->2 and b 3->1: three pCPU changes, each a VMCS move with its VMCLEAR IPI; five
+    vmx_vcpu_load_vmcs() calls on a pCPU new to the VMCS ("migrations")."""
+    s = run("h4_remote_flush.jsonl", "A", host(4))
+    assert (s["migrations"], s["vmcs_first_loads"], s["pcpu_changes"], s["ipi_vmclear"]) == (5, 2, 3, 3)
+
+
 def test_examples_explain_the_stale_use():
     """The first stale use of E on the H4 trace names when, where, which root and why."""
     r, _ = simulate(load_text(TRACES / "h4_remote_flush.jsonl"), host(4), PerRootCpumask())

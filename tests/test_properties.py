@@ -128,6 +128,8 @@ def test_counters_are_consistent(actions):
         assert s["stale_tlb_uses"] == sum(s[f"stale_tlb_uses_{k}"] for k in HAZARDS)
         assert s["vmexits_from_ipi"] <= s["ipi_flush"] + s["ipi_vmclear"]
         assert s["root_frees"] <= s["root_allocs"]
+        # every pCPU change moves the current VMCS, and every VMCS move sends a VMCLEAR IPI
+        assert s["pcpu_changes"] <= s["migrations"] - s["vmcs_first_loads"] <= s["ipi_vmclear"]
         assert all((v >= 0).all() for v in r["per_cpu"].values())
 
 

@@ -151,7 +151,8 @@ PYBIND11_MODULE(_engine, m) {
     m.attr("EVENT_LAYOUT") = py::make_tuple(EVENT_LAYOUT[0], EVENT_LAYOUT[1], EVENT_LAYOUT[2], EVENT_LAYOUT[3],
                                             EVENT_LAYOUT[4], EVENT_LAYOUT[5], EVENT_LAYOUT[6]);
     m.attr("PER_CPU_COUNTERS") = py::make_tuple("ipi_flush", "ipi_vmclear", "vmexits_from_ipi", "invept_single", "invept_global",
-                                                "invvpid", "migrations", "stale_tlb_uses", "noise_events", "rt_budget_violations");
+                                                "invvpid", "migrations", "vmcs_first_loads", "pcpu_changes", "stale_tlb_uses",
+                                                "noise_events", "rt_budget_violations");
     m.attr("PER_CPU_FLOATS") = py::make_tuple("flush_overhead_us", "noise_us", "noise_max_single_us", "noise_max_window_us");
     m.attr("REPLICATED") = py::make_tuple("events", "root_allocs", "root_frees", "remote_flushes", "hv_flush_hypercalls",
                                           "vpid_exhausted", "cpumask_bytes_peak");

@@ -109,6 +109,7 @@ inline void kvm_destroy_vm(State& s, i64 vm) {
 inline void kvm_arch_vcpu_load(State& s, i64 v, i64 cpu) {
     if (s.v_loaded[v]) return fail(s, ERR_ALREADY_LOADED, v);
     if (s.running[cpu] != NONE) return fail(s, ERR_PCPU_BUSY, cpu, s.running[cpu]);
+    if (s.v_cpu[v] != NONE && s.v_cpu[v] != cpu && s.owned[cpu]) s.c(PCPU_CHANGES, cpu)++;
     s.v_cpu[v] = cpu, s.v_loaded[v] = 1;
     s.running[cpu] = v;
     vmx_vcpu_load_vmcs(s, v, cpu);

@@ -35,6 +35,7 @@ inline void flush_reachable_roots(State& s, i64 v, i64 cpu) {
 inline void vmx_vcpu_load_vmcs(State& s, i64 v, i64 cpu) {
     int w = int(s.v_lvmcs[v]);
     if (s.vmcs(v, w) == cpu) return;  // already_loaded
+    if (s.vmcs(v, w) == NONE && s.owned[cpu]) s.c(VMCS_FIRST_LOADS, cpu)++;
     loaded_vmcs_clear(s, v, w);
     s.vmcs(v, w) = cpu;
     vmcs_load_new_cpu(s, cpu);
