@@ -23,6 +23,7 @@ from hvmodel.kvm import (
     kvm_smm_changed,
     kvm_zap_gfn_range,
     l1_invept,
+    need_resched,
     nested_vmenter,
     nested_vmexit,
     run_in_vcpu_context,
@@ -115,6 +116,8 @@ class Engine:
             kvm_arch_vcpu_put(vcpu_event(host, vm, i, "vcpu_put"))
         elif kind == Ev.VM_ENTRY:
             vcpu_enter_guest(vcpu_event(host, vm, i, "vm_entry"))
+        elif kind == Ev.NEED_RESCHED:  # the scheduler, not the vCPU: it stays in guest mode
+            need_resched(vcpu_event(host, vm, i, "need_resched"))
         else:
             raise TraceError(f"unknown event kind {kind}")
 
@@ -163,11 +166,13 @@ class Engine:
 
     def finish_event(self, t: int) -> None:
         """vCPUs kicked out of guest mode by this event's IPIs re-enter (servicing whatever
-        was requested of them); then each pCPU's interruption becomes one noise sample."""
+        was requested of them), except those whose thread must reschedule first (need_resched):
+        they stay out of guest mode until their next event; then each pCPU's interruption
+        becomes one noise sample."""
         host = self.host
         while host.reentry:
             vcpu = host.reentry.pop(0)
-            if vcpu.loaded and vcpu.mode == OUTSIDE_GUEST_MODE:
+            if vcpu.loaded and vcpu.mode == OUTSIDE_GUEST_MODE and not vcpu.need_resched:
                 vcpu_enter_guest(vcpu)
         cpus = np.flatnonzero(host.irq_open)
         host.metrics.record_noise(cpus, t, host.irq_us[cpus])

@@ -83,12 +83,14 @@ class KvmVcpu:
         "hv_root_tdp",
         "loaded",
         "nested_vmxon",
+        "need_resched",
     )
 
     def __init__(self, kvm: Kvm, idx: int):
         self.kvm, self.vcpu_idx = kvm, idx
         self.cpu = -1  # vcpu->cpu: the pCPU it last loaded on
         self.loaded = False  # between vcpu_load and vcpu_put
+        self.need_resched = False  # TIF_NEED_RESCHED on its thread (Ev.NEED_RESCHED)
         self.mode = OUTSIDE_GUEST_MODE
         self.requests = 0
         self.arch = KvmVcpuArch()
@@ -169,7 +171,7 @@ def kvm_arch_vcpu_load(vcpu: KvmVcpu, cpu: int) -> None:
 def kvm_arch_vcpu_put(vcpu: KvmVcpu) -> None:
     _require_loaded(vcpu, "vcpu_put")
     vcpu_leave_guest(vcpu)
-    vcpu.loaded = False
+    vcpu.loaded = vcpu.need_resched = False
     vcpu.kvm.host.running[vcpu.cpu] = None
 
 
@@ -191,6 +193,7 @@ def vcpu_enter_guest(vcpu: KvmVcpu) -> None:
     _require_loaded(vcpu, "vm_entry")
     host = vcpu.kvm.host
     host.this_cpu = vcpu.cpu
+    vcpu.need_resched = False
     if vcpu.requests:
         if vcpu.requests & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS:
             kvm_mmu_free_obsolete_roots(vcpu)
@@ -266,6 +269,15 @@ def l1_invept(vcpu: KvmVcpu, eptp12: int) -> None:
     if vcpu.guest_mode:
         raise TraceError(f"l1_invept: {vcpu!r} is running L2; INVEPT is executed by L1")
     handle_invept(vcpu, eptp12)
+
+
+def need_resched(vcpu: KvmVcpu) -> None:
+    """The scheduler wants the vCPU's thread off its pCPU. Nothing happens until the vCPU is
+    kicked out of guest mode: vcpu_run() -> kvm_xfer_to_guest_mode_handle_work() then calls
+    schedule() instead of re-entering (Engine.finish_event), so the requests the kick delivered
+    wait for the vCPU's next entry, wherever that is. Cleared when it is put or enters."""
+    _require_loaded(vcpu, "need_resched")
+    vcpu.need_resched = True
 
 
 def guest_tlb_flush(vcpu: KvmVcpu) -> None:

@@ -213,7 +213,7 @@ def walkthrough(events: np.ndarray, topo: Topology, make_strategy: Callable) -> 
         eng.step(*(int(rec[f]) for f in ("time_ns", "kind", "vm", "vcpu", "pcpu", "arg")))
         parts = [f"{i + 1:>2}. {describe(rec)}", *told.lines]
         parts += _epoch_changes(before_epoch, _epochs(host), told)
-        parts += _tlb_changes(before_tlb, _tlbs(host, told.roots))
+        parts += _tlb_changes(before_tlb, _tlbs(host, told.roots), topo.env)
         parts += [_stale_sentence(e, told) for e in host.metrics.examples[seen:]]
         lines.append(" -- ".join(parts))
     return lines
@@ -302,13 +302,19 @@ def _epoch_changes(a: dict, b: dict, told: Told) -> list[str]:
     return out
 
 
-def _tlb_changes(a: dict, b: dict) -> list[str]:
+MISSED = {
+    "bare_metal": "no vCPU of the VM is loaded there to take a request",
+    "hyperv": "the hypercall flushed only the vCPUs' last-loaded roots",
+}
+
+
+def _tlb_changes(a: dict, b: dict, env: str) -> list[str]:
     out = []
     for (cpu, root), (epoch, missed) in sorted(b.items()):
         if (cpu, root) not in a or a[(cpu, root)][0] != epoch:
             out.append(f"pCPU {cpu} now caches {root} at epoch {epoch}")
         elif missed and not a[(cpu, root)][1]:
-            out.append(f"no flush can reach {root}'s epoch-{epoch} entries on pCPU {cpu} (no vCPU of the VM is loaded there)")
+            out.append(f"the remote flush cannot reach {root}'s epoch-{epoch} entries on pCPU {cpu} ({MISSED[env]})")
     out += [f"pCPU {cpu} no longer caches {root}" for (cpu, root) in sorted(a) if (cpu, root) not in b]
     return out
 

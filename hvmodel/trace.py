@@ -48,6 +48,7 @@ class Ev(IntEnum):
     L1_INVEPT = 13  # handle_invept (arg = eptp12, 0 = all-context)
     MMU_RESET_CONTEXT = 14  # kvm_mmu_reset_context on CR0/CR4/EFER role bits or CPUID
     GUEST_TLB_FLUSH = 15  # KVM_REQ_TLB_FLUSH_GUEST (PV flush hypercall, INVPCID all, ...)
+    NEED_RESCHED = 16  # set_tsk_need_resched() on the vCPU thread: a kick makes it schedule()
 
 
 EVENT_NAMES = {e: e.name.lower() for e in Ev}
@@ -96,6 +97,7 @@ TEXT_FIELDS: dict[Ev, tuple[tuple[str, ...], dict[str, object]]] = {
     Ev.L1_INVEPT: (("vcpu",), {"eptp12": 0}),
     Ev.MMU_RESET_CONTEXT: (("vcpu",), {"reason": "cr4"}),
     Ev.GUEST_TLB_FLUSH: (("vcpu",), {}),
+    Ev.NEED_RESCHED: (("vcpu",), {}),
 }
 
 

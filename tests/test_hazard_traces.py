@@ -31,7 +31,7 @@ from hvmodel.strategies.per_root_cpumask_clear import PerRootCpumaskClear
 from hvmodel.strategies.root_generation import RootGeneration
 from hvmodel.strategies.upstream import Upstream
 from hvmodel.strategies.vm_ever_ran_mask import VmEverRanMask
-from hvmodel.trace import load_text
+from hvmodel.trace import Ev, Trace, load_text
 
 from controls import CurrentRootOnly, NoMigrationFlush, RootMmuOnly
 from readings import READINGS
@@ -291,6 +291,38 @@ def test_hyperv_hypercall_skips_the_root_left_for_smm():
     x64 = Topology(nr_cpus=64, smt=2, housekeeping_per_node=2, env="hyperv", name="x64")
     stale = {k for k in expected if run("hv_smm_root.jsonl", k, x64)["stale_tlb_uses"]}
     assert stale == {k for k, want in expected.items() if want[0]}
+
+
+def test_a_kicked_vcpu_that_reschedules_defers_its_flush():
+    """4 CPUs, vCPUs a, b. e2/e3: R on P2 (load flush; B: 1 local + 3 IPIs; C: 1 local, mask
+    {P2}). e5: a 2->1 (VMCLEAR IPI): D/E/E'/F flush R on P1 (E sets bit 1), C flushes it (P1
+    is new). e7/e8: need_resched, then the zap kicks a on P1 (1 flush IPI): a stays out of guest
+    mode, its KVM_REQ_TLB_FLUSH pending; P1 keeps R at epoch 0, not "missed" (a's VMCS is
+    loaded there). e10/e11: a 1->2 (VMCLEAR IPI): D/E/E'/F flush R on P2 (E: bit 2 was never
+    set), then the pending request: a global on P2. e12/e13: b's first load on P3 (C flushes R
+    there, P3 is new), its load flush (not B/C), the zap's request: a global on P3. e15/e16:
+    b 3->1 (VMCLEAR IPI): A, B, C request a global; D, E', F flush R on P1; E skips it (bit 1),
+    B~ and C~ do nothing -> h2 (no remote flush missed the entry: its flush went elsewhere).
+    Globals: A, B, C at e3, e6, e11, e13, e16; others e11, e13. Without the need_resched, a
+    re-enters on P1 at the zap and flushes everything there: E is clean, and B~ and C~ are
+    stale earlier instead, at e11 on P2, which no remote flush could reach (h4)."""
+    expected = {
+        "A": ({}, 2, 5, 1, 3),
+        "B": ({}, 4, 5, 4, 3),
+        "B~": ({"h2": 1}, 4, 2, 4, 3),
+        "C": ({}, 3, 5, 1, 3),
+        "C~": ({"h2": 1}, 3, 2, 1, 3),
+        "D": ({}, 5, 2, 1, 3),
+        "E": ({"h2": 1}, 4, 2, 1, 3),
+        "E'": ({}, 5, 2, 1, 3),
+        "F": ({}, 5, 2, 1, 3),
+    }
+    check("need_resched.jsonl", host(4), expected)
+    events = load_text(TRACES / "need_resched.jsonl").to_array()
+    at_once = Trace.from_array(events[events["kind"] != Ev.NEED_RESCHED])
+    stale = {k: simulate(at_once, host(4), STRATEGIES[k]())[1] for k in expected}
+    assert {k for k, s in stale.items() if s["stale_tlb_uses"]} == {"B~", "C~"}
+    assert stale["B~"]["stale_tlb_uses_h4"] == stale["C~"]["stale_tlb_uses_h4"] == 1
 
 
 def test_migrations_first_loads_and_pcpu_changes_are_told_apart():

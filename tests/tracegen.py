@@ -13,7 +13,7 @@ from hvmodel.trace import EVENT_DTYPE, MMU_RESET_REASONS, Ev, Trace, pack_nested
 TOPO = Topology(nr_cpus=8, numa_nodes=2, smt=1, housekeeping_per_node=1, name="p8")
 HYPERV = Topology(nr_cpus=8, numa_nodes=2, smt=1, housekeeping_per_node=1, env="hyperv", name="p8hv")
 CPUS = [1, 2, 3, 5, 6, 7]  # the isolated CPUs: vCPUs run here; 0 and 4 run host code
-ACTIONS = st.lists(st.tuples(st.integers(0, 15), st.integers(0, 10_000)), min_size=40, max_size=250)
+ACTIONS = st.lists(st.tuples(st.integers(0, 16), st.integers(0, 10_000)), min_size=40, max_size=250)
 
 
 class _V:
@@ -109,4 +109,7 @@ def build_trace(actions: list[tuple[int, int]]) -> Trace:
             vm, i, v = pick(loaded)
             emit(Ev.GUEST_TLB_FLUSH, vm, i)
             enter(vm, i, v)
+        elif action == 16 and loaded:  # the next kick reschedules this vCPU instead of re-entering
+            vm, i, v = pick(loaded)
+            emit(Ev.NEED_RESCHED, vm, i)
     return Trace.from_array(np.array(ev, dtype=EVENT_DTYPE), duration_ns=len(ev) + 1)

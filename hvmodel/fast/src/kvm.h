@@ -43,7 +43,7 @@ inline i64 new_vcpu_block(State& s, i64 n) {
     for (auto* a : {&s.v_vm, &s.v_idx, &s.v_cpu, &s.v_mode, &s.v_req, &s.v_lvmcs, &s.v_vpid, &s.v_vpid02, &s.v_vpid12,
                     &s.v_eptp12, &s.v_hv_root, &s.v_mmu, &s.v_next_free})
         grow(*a, u);
-    for (auto* a : {&s.v_loaded, &s.v_gmode, &s.v_smm, &s.v_vmxon, &s.v_backed}) grow(*a, u);
+    for (auto* a : {&s.v_loaded, &s.v_gmode, &s.v_smm, &s.v_vmxon, &s.v_backed, &s.v_resched}) grow(*a, u);
     grow(s.v_vmcs, 2 * u), grow(s.m_role, 2 * u), grow(s.m_fast, 2 * u);
     grow(s.m_pgd, 2 * SLOTS * u), grow(s.m_hpa, 2 * SLOTS * u), grow(s.m_sp, 2 * SLOTS * u);
     return v0;
@@ -59,6 +59,7 @@ inline void free_vcpu_block(State& s, i64 v0, i64 n) {
 // struct kvm_vcpu as kvm_vm_ioctl_create_vcpu leaves it (KvmVcpu.__init__).
 inline void init_vcpu(State& s, i64 v, i64 vm, i64 idx) {
     s.v_vm[v] = vm, s.v_idx[v] = idx, s.v_cpu[v] = NONE, s.v_loaded[v] = 0, s.v_mode[v] = OUTSIDE_GUEST_MODE;
+    s.v_resched[v] = 0;
     s.v_req[v] = 0, s.v_gmode[v] = 0, s.v_smm[v] = 0, s.v_lvmcs[v] = VMCS01;
     s.vmcs(v, VMCS01) = NONE, s.vmcs(v, VMCS02) = NONE;
     s.v_vpid[v] = allocate_vpid(s);
@@ -118,7 +119,7 @@ inline void kvm_arch_vcpu_load(State& s, i64 v, i64 cpu) {
 inline void kvm_arch_vcpu_put(State& s, i64 v) {
     if (!s.v_loaded[v]) return fail(s, ERR_NOT_LOADED, v, VCPU_PUT);
     if (s.v_mode[v] == IN_GUEST_MODE) leave_guest(s, v);
-    s.v_loaded[v] = 0;
+    s.v_loaded[v] = 0, s.v_resched[v] = 0;
     s.running[s.v_cpu[v]] = NONE;
 }
 
@@ -126,6 +127,7 @@ inline void kvm_arch_vcpu_put(State& s, i64 v) {
 // cached translations for the active EP4TA before the guest can use them.
 inline void vcpu_enter_guest(State& s, i64 v) {
     s.this_cpu = s.v_cpu[v];
+    s.v_resched[v] = 0;
     if (s.v_req[v]) {
         if (s.v_req[v] & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS) kvm_mmu_free_obsolete_roots(s, v);
         if (s.v_req[v] & KVM_REQ_TLB_FLUSH) {  // kvm_vcpu_flush_tlb_all(); also covers CURRENT
@@ -224,16 +226,22 @@ inline void dispatch(State& s, int kind, i64 vm_id, i64 idx, i64 cpu, i64 arg) {
             if ((v = vcpu_event(s, vm_id, idx, kind)) == NONE) return;
             if (!s.v_loaded[v]) return fail(s, ERR_NOT_LOADED, v, kind);
             return vcpu_enter_guest(s, v);
+        case NEED_RESCHED:  // the scheduler, not the vCPU: it stays in guest mode until kicked
+            if ((v = vcpu_event(s, vm_id, idx, kind)) == NONE) return;
+            if (!s.v_loaded[v]) return fail(s, ERR_NOT_LOADED, v, kind);
+            s.v_resched[v] = 1;
+            return;
         default: return fail(s, ERR_UNKNOWN_KIND, kind);
     }
 }
 
 // vCPUs kicked out of guest mode by this event's IPIs re-enter, servicing whatever was requested
-// of them; then each pCPU's interruption becomes one noise sample.
+// of them, except those whose thread must reschedule first (need_resched: they stay out until
+// their next event); then each pCPU's interruption becomes one noise sample.
 inline void finish_event(State& s, i64 t_ns) {
     for (; s.re_head < s.reentry.size(); s.re_head++) {
         i64 v = s.reentry[s.re_head];
-        if (s.v_loaded[v] && s.v_mode[v] == OUTSIDE_GUEST_MODE) vcpu_enter_guest(s, v);
+        if (s.v_loaded[v] && s.v_mode[v] == OUTSIDE_GUEST_MODE && !s.v_resched[v]) vcpu_enter_guest(s, v);
     }
     s.reentry.clear(), s.re_head = 0;
     close_irqs(s, t_ns);

@@ -55,7 +55,7 @@ enum Example { EX_T, EX_PCPU, EX_VM, EX_VCPU, EX_KIND, EX_MMU, EX_ROOT, EX_HPA, 
 
 // Trace event kinds (hvmodel.trace.Ev)
 enum Ev { VM_CREATE = 1, VM_DESTROY, VCPU_LOAD, VCPU_PUT, VM_ENTRY, VM_EXIT, ZAP, MEMSLOT_DELETE, SMM_ENTER,
-          SMM_EXIT, NESTED_VMENTER, NESTED_VMEXIT, L1_INVEPT, MMU_RESET_CONTEXT, GUEST_TLB_FLUSH };
+          SMM_EXIT, NESTED_VMENTER, NESTED_VMEXIT, L1_INVEPT, MMU_RESET_CONTEXT, GUEST_TLB_FLUSH, NEED_RESCHED };
 constexpr i64 NESTED_NO_EPT = i64(1) << 32, NESTED_EPTP_NOT_BACKED = i64(1) << 33;
 
 // Errors a trace can cause (engine.py has their messages)
@@ -175,6 +175,7 @@ struct State {
     // --- vCPUs (struct kvm_vcpu + vcpu_vmx), contiguous per VM; freed blocks reused by size
     std::vector<i64> v_vm, v_idx, v_cpu, v_mode, v_req, v_lvmcs, v_vpid, v_vpid02, v_vpid12, v_eptp12, v_hv_root, v_mmu;
     std::vector<char> v_loaded, v_gmode, v_smm, v_vmxon, v_backed;  // ..., is_guest_mode(), ..., nested_eptp12_backed
+    std::vector<char> v_resched;  // TIF_NEED_RESCHED on the vCPU thread (kvm.need_resched)
     std::vector<i64> v_vmcs;   // [v][2]: loaded_vmcs->cpu of vmcs01, vmcs02
     std::vector<i64> m_role;   // [v][2]: root_role of root_mmu, guest_mmu
     std::vector<char> m_fast;  // [v][2]: root_via_fast_switch
