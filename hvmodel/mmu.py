@@ -193,8 +193,10 @@ def mmu_alloc_shadow_roots(vcpu: KvmVcpu) -> KvmMmuRootInfo:
         return KvmMmuRootInfo(0, DUMMY_ROOT_HPA, None)
     sp = kvm_mmu_get_shadow_page(vcpu.kvm, gfn, mmu.root_role)
     sp.root_count += 1
+    strategy = vcpu.kvm.host.strategy
+    strategy.root_referenced(vcpu, sp)
     if sp.root_count == 1:  # "!sp->root_count++": the moment strategy B broadcasts
-        vcpu.kvm.host.strategy.root_allocated(vcpu, sp)
+        strategy.root_allocated(vcpu, sp)
     return KvmMmuRootInfo(gfn, sp.hpa, sp)
 
 
@@ -205,6 +207,7 @@ def kvm_mmu_load(vcpu: KvmVcpu) -> None:
     it is what lets freeing a root skip any flush.
     """
     mmu = vcpu.arch.mmu
+    vcpu.kvm.host.strategy.mmu_topup_memory_caches(vcpu)
     if mmu.root_role.direct:
         sp = kvm_tdp_mmu_alloc_root(vcpu)
         mmu.root = KvmMmuRootInfo(0, sp.hpa, sp)

@@ -341,6 +341,14 @@ def test_examples_explain_the_stale_use():
     assert (e["epoch"], e["cached_epoch"], e["cached_root"]) == (1, 0, e["root"])
 
 
+def test_mask_memory_from_a_memory_cache():
+    """E with masks from a kvm_mmu_memory_cache, on the H1 trace: each VM's one vCPU fills its
+    cache at its first kvm_mmu_load (40 masks of 8 bytes), its root takes one, and teardown frees
+    the root's mask and the 39 left: the peak is 40 x 8, not 8."""
+    s = simulate(load_text(TRACES / "h1_page_reuse.jsonl"), host(4), PerRootCpumask(mask_source="memory_cache"))[1]
+    assert s["cpumask_bytes_peak"] == 40 * 8
+
+
 @pytest.mark.parametrize("strategy", ["D", "E", "E'", "F", "C"])
 def test_mask_memory(strategy):
     """Per-root masks (E, E'): one 8-byte cpumask per live root at 4 CPUs (kmalloc-8); F: a u32

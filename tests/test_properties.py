@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hvmodel.engine as engine_mod
+from hvmodel.engine import TIMING_KEYS as TIMING
 from hvmodel.engine import Engine, simulate
 from hvmodel.kvm_host import IN_GUEST_MODE, VALID_PAGE
 from hvmodel.metrics import HAZARDS, merge
@@ -175,6 +176,25 @@ def test_hypercall_strategy_never_executes_invept(actions):
     """H turns every flush of a root into the hypercall; on Hyper-V nothing else flushes."""
     _, s = simulate(build_trace(actions), HYPERV, HypervFlushHypercall())
     assert s["invept_single"] == s["invept_global"] == 0
+
+
+@SETTINGS
+@given(actions=ACTIONS)
+def test_e_mask_readings_only_add_flushes_or_memory(actions):
+    """E with masks emptied at every shadow-root reference only ever flushes more (never more
+    stale uses); E with masks from a memory cache flushes exactly as E and holds more memory:
+    at least one 40-object cache per vCPU that loaded an MMU."""
+    trace = build_trace(actions)
+    _, page = simulate(trace, TOPO, PerRootCpumask())
+    _, ref = simulate(trace, TOPO, PerRootCpumask(mask_lifetime="reference"))
+    _, cache = simulate(trace, TOPO, PerRootCpumask(mask_source="memory_cache"))
+    assert ref["stale_tlb_uses"] <= page["stale_tlb_uses"] and ref["invept_single"] >= page["invept_single"]
+    assert {k: v for k, v in cache.items() if k != "cpumask_bytes_peak" and k not in TIMING} == {
+        k: v for k, v in page.items() if k != "cpumask_bytes_peak" and k not in TIMING
+    }
+    assert cache["cpumask_bytes_peak"] >= page["cpumask_bytes_peak"]
+    if page["root_allocs"]:
+        assert cache["cpumask_bytes_peak"] >= 40 * 8
 
 
 @SETTINGS

@@ -134,6 +134,8 @@ PYBIND11_MODULE(_engine, m) {
         .def_readwrite("policy", &Config::policy)
         .def_readwrite("elide_migration_flush", &Config::elide_migration_flush)
         .def_readwrite("first_visit_global", &Config::first_visit_global)
+        .def_readwrite("mask_reset_on_reference", &Config::mask_reset_on_reference)
+        .def_readwrite("mask_cache", &Config::mask_cache)
         .def_readwrite("mmus", &Config::mmus)
         .def_readwrite("prev_roots", &Config::prev_roots)
         .def_readwrite("mask_bytes", &Config::mask_bytes)

@@ -40,7 +40,7 @@ inline i64 new_vcpu_block(State& s, i64 n) {
     i64 v0 = s.v_used;
     s.v_used += n;
     size_t u = size_t(s.v_used);
-    for (auto* a : {&s.v_vm, &s.v_idx, &s.v_cpu, &s.v_mode, &s.v_req, &s.v_lvmcs, &s.v_vpid, &s.v_vpid02, &s.v_vpid12,
+    for (auto* a : {&s.v_mcache, &s.v_vm, &s.v_idx, &s.v_cpu, &s.v_mode, &s.v_req, &s.v_lvmcs, &s.v_vpid, &s.v_vpid02, &s.v_vpid12,
                     &s.v_eptp12, &s.v_hv_root, &s.v_mmu, &s.v_next_free})
         grow(*a, u);
     for (auto* a : {&s.v_loaded, &s.v_gmode, &s.v_smm, &s.v_vmxon, &s.v_backed, &s.v_resched}) grow(*a, u);
@@ -59,7 +59,7 @@ inline void free_vcpu_block(State& s, i64 v0, i64 n) {
 // struct kvm_vcpu as kvm_vm_ioctl_create_vcpu leaves it (KvmVcpu.__init__).
 inline void init_vcpu(State& s, i64 v, i64 vm, i64 idx) {
     s.v_vm[v] = vm, s.v_idx[v] = idx, s.v_cpu[v] = NONE, s.v_loaded[v] = 0, s.v_mode[v] = OUTSIDE_GUEST_MODE;
-    s.v_resched[v] = 0;
+    s.v_resched[v] = 0, s.v_mcache[v] = 0;
     s.v_req[v] = 0, s.v_gmode[v] = 0, s.v_smm[v] = 0, s.v_lvmcs[v] = VMCS01;
     s.vmcs(v, VMCS01) = NONE, s.vmcs(v, VMCS02) = NONE;
     s.v_vpid[v] = allocate_vpid(s);

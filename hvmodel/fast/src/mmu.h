@@ -159,6 +159,7 @@ inline i64 kvm_mmu_get_shadow_page(State& s, i64 vm, i64 gfn, i64 role) {
 // provenance of the root is unknown".
 inline void kvm_mmu_load(State& s, i64 v) {
     int m = int(s.v_mmu[v]);
+    policy::mmu_topup_memory_caches(s, v);
     if (s.role(v, m) & ROLE_DIRECT) {
         i64 r = kvm_tdp_mmu_alloc_root(s, v);
         set_slot(s, v, m, 0, 0, page_hpa(s, s.r_pid[r]), r);
@@ -168,6 +169,7 @@ inline void kvm_mmu_load(State& s, i64 v) {
         i64 r = kvm_mmu_get_shadow_page(s, s.v_vm[v], s.v_eptp12[v], s.role(v, m));
         s.r_count[r]++;
         set_slot(s, v, m, 0, s.v_eptp12[v], page_hpa(s, s.r_pid[r]), r);
+        policy::root_referenced(s, r);
         if (s.r_count[r] == 1) root_allocated(s, v, r);  // "!sp->root_count++"
     }
     s.fast(v, m) = 0;

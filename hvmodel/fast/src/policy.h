@@ -46,6 +46,16 @@ inline void root_created(State& s, i64 r) {
     else if (s.policy == ROOT_GENERATION) root_generation::root_created(s, r);
 }
 
+inline bool per_root_mask(const State& s) { return s.policy == PER_ROOT_CPUMASK || s.policy == PER_ROOT_CPUMASK_CLEAR; }
+
+inline void mmu_topup_memory_caches(State& s, i64 v) {
+    if (per_root_mask(s)) per_root_cpumask::mmu_topup_memory_caches(s, v);
+}
+
+inline void root_referenced(State& s, i64 r) {
+    if (per_root_mask(s)) per_root_cpumask::root_referenced(s, r);
+}
+
 inline void root_freed(State& s, i64 r) {
     if (s.policy == PER_ROOT_CPUMASK || s.policy == PER_ROOT_CPUMASK_CLEAR) per_root_cpumask::root_freed(s, r);
     else if (s.policy == ROOT_GENERATION) root_generation::root_freed(s, r);
@@ -74,6 +84,7 @@ inline void vm_created(State& s, i64 vm) {
 
 inline void vm_destroyed(State& s, i64 vm) {
     if (s.policy == VM_EVER_RAN_MASK) vm_ever_ran_mask::vm_destroyed(s, vm);
+    if (per_root_mask(s)) per_root_cpumask::vm_destroyed(s, vm);
 }
 
 }  // namespace hv::policy

@@ -110,6 +110,8 @@ struct Config {
     i64 policy;  // strategy code (policy.h)
     bool elide_migration_flush = false;  // B and C: the reading of B's migration flush
     bool first_visit_global = false;     // C: first_visit_flush=global
+    bool mask_reset_on_reference = false;  // E: mask_lifetime=reference
+    bool mask_cache = false;               // E: mask_source=memory_cache
     i64 mmus;    // D's flush set: bit 0 root_mmu, bit 1 guest_mmu
     bool prev_roots;
     i64 mask_bytes, table_bytes;  // one strategy cpumask, one generation table (F)
@@ -128,7 +130,7 @@ struct State {
     i64 noise_period_ns;
     double noise_threshold_us, noise_budget_us;
     i64 max_examples, policy, mmus;
-    bool elide_migration_flush, first_visit_global, prev_roots;
+    bool elide_migration_flush, first_visit_global, mask_reset_on_reference, mask_cache, prev_roots;
     i64 mask_bytes, table_bytes;
 
     // --- the event being replayed
@@ -183,7 +185,10 @@ struct State {
     i64 v_used = 0;
     std::vector<i64> vblock_free, v_next_free;  // per size: first freed block
 
-    // --- strategy state: cpumask rows (E, C) and generation tables (F: generation + 1 per pCPU)
+    // --- strategy state: cpumask rows (E, C) and generation tables (F: generation + 1 per pCPU);
+    // E's per-vCPU mask caches (mask_source=memory_cache) and the vCPU in kvm_mmu_load()
+    std::vector<i64> v_mcache;
+    i64 loading_v = NONE;
     RowPool<u64> rows;
     RowPool<u32> gens;
 
@@ -216,7 +221,8 @@ struct State {
           noise_period_ns(c.noise_period_ns),
           noise_threshold_us(c.noise_threshold_us), noise_budget_us(c.noise_budget_us), max_examples(c.max_examples),
           policy(c.policy), mmus(c.mmus),
-          elide_migration_flush(c.elide_migration_flush), first_visit_global(c.first_visit_global), prev_roots(c.prev_roots), mask_bytes(c.mask_bytes), table_bytes(c.table_bytes),
+          elide_migration_flush(c.elide_migration_flush), first_visit_global(c.first_visit_global),
+          mask_reset_on_reference(c.mask_reset_on_reference), mask_cache(c.mask_cache), prev_roots(c.prev_roots), mask_bytes(c.mask_bytes), table_bytes(c.table_bytes),
           running(n_cpus, NONE), in_guest(n_cpus, NONE), mark(n_cpus, 0), scratch(n_cpus + 64),
           tlb_n(n_cpus, 0), pool(n_nodes), next_pfn(n_nodes, 1), map_keys(64, -1), map_vals(64, 0),
           vblock_free(KVM_MAX_VCPUS + 1, NONE), cnt(N_COUNTERS * n_cpus, 0), flt(N_FLOATS * n_cpus, 0.0),

@@ -5,9 +5,32 @@
 
 namespace hv::per_root_cpumask {
 
+constexpr i64 KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE = 40;
+
+// mask_source=memory_cache: kvm_mmu_load() tops the vCPU's cache up when it is empty
+inline void mmu_topup_memory_caches(State& s, i64 v) {
+    s.loading_v = v;
+    if (!s.mask_cache || s.v_mcache[v] >= 1) return;
+    mask_alloc(s, (KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE - s.v_mcache[v]) * s.mask_bytes);
+    s.v_mcache[v] = KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE;
+}
+
 inline void root_created(State& s, i64 r) {
     s.r_row[r] = s.rows.alloc();
-    mask_alloc(s, s.mask_bytes);
+    if (s.mask_cache) s.v_mcache[s.loading_v]--;  // from the cache: already counted
+    else mask_alloc(s, s.mask_bytes);
+}
+
+// mask_lifetime=reference: alloc_root_cpu_mask() after every ++sp->root_count of a shadow root
+inline void root_referenced(State& s, i64 r) {
+    if (s.mask_reset_on_reference) std::fill_n(s.row(s.r_row[r]), s.words, u64(0));
+}
+
+inline void vm_destroyed(State& s, i64 vm) {  // kvm_mmu_free_memory_caches()
+    for (i64 v = s.vm_vcpu0[vm]; v < s.vm_vcpu0[vm] + s.vm_nvcpus[vm]; v++) {
+        mask_free(s, s.v_mcache[v] * s.mask_bytes);
+        s.v_mcache[v] = 0;
+    }
 }
 
 inline void root_freed(State& s, i64 r) {
