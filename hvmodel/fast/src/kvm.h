@@ -83,15 +83,19 @@ inline void kvm_create_vm(State& s, i64 vm_id, i64 nr_vcpus, i64 tdp_level, i64 
     i64 v0 = s.vm_vcpu0[vm] = new_vcpu_block(s, nr_vcpus);
     for (i64 i = 0; i < nr_vcpus; i++) init_vcpu(s, v0 + i, vm, i);
     policy::vm_created(s, vm);
+    for (i64 v = v0; v < v0 + nr_vcpus; v++) vmx_vcpu_load_vmcs(s, v, s.this_cpu);  // kvm_arch_vcpu_create(): vcpu_load()
 }
 
-// Runs on a VMM thread (this_cpu): every vCPU must be put. Each active VMCS is VMCLEARed where it
-// is active (an IPI unless local), roots are dropped and freed.
+// Runs on a VMM thread (this_cpu): every vCPU must be put. nested_vmx_free_vcpu() loads each vCPU
+// here (vmx_leave_nested() back to vmcs01); each VMCS is then VMCLEARed where it is active (an IPI
+// unless local), roots are dropped and freed.
 inline void kvm_destroy_vm(State& s, i64 vm) {
     i64 v0 = s.vm_vcpu0[vm], n = s.vm_nvcpus[vm];
     for (i64 v = v0; v < v0 + n; v++)
         if (s.v_loaded[v]) return fail(s, ERR_DESTROY_LOADED, s.v_idx[v], s.vm_ext[vm]);
     for (i64 v = v0; v < v0 + n; v++) {
+        vmx_vcpu_load_vmcs(s, v, s.this_cpu);
+        if (s.v_lvmcs[v] == VMCS02) s.v_lvmcs[v] = VMCS01, vmx_vcpu_load_vmcs(s, v, s.this_cpu);
         loaded_vmcs_clear(s, v, VMCS01);
         loaded_vmcs_clear(s, v, VMCS02);
         kvm_mmu_unload(s, v);
