@@ -26,7 +26,7 @@ from hvmodel.cost import CostModel
 from hvmodel.errors import ConfigError, ShardingError
 from hvmodel.kvm_host import IN_GUEST_MODE, OUTSIDE_GUEST_MODE
 from hvmodel.metrics import Metrics, NoiseBudget
-from hvmodel.mmu import PagePool
+from hvmodel.mmu import PAGE_REUSE, PagePool
 from hvmodel.oracle import Oracle
 from hvmodel.vmx import VpidBitmap
 
@@ -70,6 +70,8 @@ class Topology:
     isolcpus: str | None = None
     x2apic_cluster_size: int = 16  # 16 in x2APIC cluster mode; 1 means physical mode
     env: str = "bare_metal"  # or "hyperv": this "host" is itself a VM, KVM runs nested on Hyper-V
+    page_reuse: str = "lifo"  # how freed root pages come back (mmu.PagePool): "lifo" or "cached"
+    rcu_grace_ns: int = 20_000_000  # page_reuse=cached: a freed TDP root's page waits this long
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -77,6 +79,10 @@ class Topology:
             raise ConfigError("host.env", f"unknown {self.env!r}; allowed: {', '.join(ENVIRONMENTS)}")
         if not 1 <= self.nr_cpus <= NR_CPUS_MAX:
             raise ConfigError("host.nr_cpus", f"must be in 1..{NR_CPUS_MAX} (NR_CPUS), got {self.nr_cpus}")
+        if self.page_reuse not in PAGE_REUSE:
+            raise ConfigError("host.page_reuse", f"unknown {self.page_reuse!r}; allowed: {', '.join(PAGE_REUSE)}")
+        if not isinstance(self.rcu_grace_ns, int) or self.rcu_grace_ns < 0:
+            raise ConfigError("host.rcu_grace_ns", f"must be an integer >= 0, got {self.rcu_grace_ns!r}")
         for key in ("sockets", "numa_nodes", "smt", "x2apic_cluster_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"host.{key}", f"must be >= 1, got {getattr(self, key)}")
@@ -167,7 +173,7 @@ class Host:
         self.guest_mode = np.zeros(n, bool)  # the same, as a mask, for IPIs to many pCPUs
         self.metrics = Metrics(n, noise, max_examples)
         self.oracle = Oracle(self)
-        self.pool = PagePool(topo.numa_nodes)
+        self.pool = PagePool(topo.numa_nodes, topo.page_reuse == "cached", topo.rcu_grace_ns)
         self.vpids = VpidBitmap()
         self.vms: dict[int, Kvm] = {}
         self.now = 0

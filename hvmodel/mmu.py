@@ -9,6 +9,7 @@ freed pages, so a new root can inherit the EP4TA of a freed one, of this VM or a
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING
 
 from hvmodel.kvm_host import (
@@ -32,26 +33,63 @@ if TYPE_CHECKING:
 PAGE_SHIFT = 12
 
 
+PAGE_REUSE = ("lifo", "cached")
+KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE = 40  # a kvm_mmu_memory_cache's capacity
+PT64_ROOT_MAX_LEVEL = 5  # mmu_topup_memory_caches(): the shadow page cache's minimum
+
+
 class PagePool:
     """The page allocator as root allocation sees it: a LIFO of freed pages per NUMA node.
 
-    LIFO is the adversarial (and, for the per-CPU page lists, realistic) order: the page most
-    recently freed is the next one handed out, so EP4TA reuse happens as soon as it can.
+    `lifo` (the default, the worst case): a new root gets the page freed last, at once, so EP4TA
+    reuse happens as soon as it can. `cached`, as the kernel does it: root pages come from the
+    vCPU's mmu_shadow_page_cache (tdp_mmu_alloc_sp() and kvm_mmu_alloc_shadow_page() both take
+    kvm_mmu_memory_cache_alloc(), the object put in last), which kvm_mmu_load() tops up from the
+    allocator (mmu_topup_memory_caches(): below PT64_ROOT_MAX_LEVEL objects, refill to 40); a
+    freed shadow root's page goes back to the allocator at once (free_page()), a TDP root's only
+    after an RCU grace period (call_rcu() -> tdp_mmu_free_sp_rcu_callback(), `rcu_grace_ns`, an
+    assumption: grace periods take milliseconds); a vCPU's cache is freed with it.
     """
 
-    def __init__(self, nodes: int):
+    def __init__(self, nodes: int, cached: bool = False, rcu_grace_ns: int = 0):
         self.free: list[list[int]] = [[] for _ in range(nodes)]
         self.next_pfn = [1] * nodes  # pfn 0 of node 0 is the zero page (dummy root)
+        self.cached, self.rcu_grace_ns = cached, rcu_grace_ns
+        self.caches: dict = {}  # cached: vCPU -> its mmu_shadow_page_cache (pages, LIFO)
+        self.rcu: deque[tuple[int, int, int]] = deque()  # cached: (time it is freed, node, hpa)
 
-    def alloc(self, node: int) -> int:
+    def page(self, node: int) -> int:
+        """From the allocator: the page freed last on the node, else a new one."""
         if self.free[node]:
             return self.free[node].pop()
         pfn = self.next_pfn[node]
         self.next_pfn[node] += 1
         return ((node << 36) | pfn) << PAGE_SHIFT
 
-    def release(self, node: int, hpa: int) -> None:
-        self.free[node].append(hpa)
+    def topup(self, vcpu: KvmVcpu, node: int, now: int) -> None:
+        """mmu_topup_memory_caches() at kvm_mmu_load(), after the grace periods that ended."""
+        if not self.cached:
+            return
+        while self.rcu and self.rcu[0][0] <= now:
+            _, n, hpa = self.rcu.popleft()
+            self.free[n].append(hpa)
+        cache = self.caches.setdefault(vcpu, [])
+        if len(cache) < PT64_ROOT_MAX_LEVEL:
+            cache.extend(self.page(node) for _ in range(KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE - len(cache)))
+
+    def alloc(self, vcpu: KvmVcpu, node: int) -> int:
+        return self.caches[vcpu].pop() if self.cached else self.page(node)
+
+    def release(self, node: int, hpa: int, now: int, rcu: bool) -> None:
+        if self.cached and rcu:
+            self.rcu.append((now + self.rcu_grace_ns, node, hpa))
+        else:
+            self.free[node].append(hpa)
+
+    def free_cache(self, vcpu: KvmVcpu, node: int) -> None:
+        """kvm_mmu_free_memory_caches(): the objects go back last one first."""
+        cache = self.caches.pop(vcpu, [])
+        self.free[node].extend(reversed(cache))
 
 
 class KvmMmuPage:
@@ -130,11 +168,13 @@ def kvm_init_mmu(vcpu: KvmVcpu) -> None:
 
 
 # --- allocation ---------------------------------------------------------------------------
-def kvm_mmu_alloc_root_page(kvm: Kvm, role: KvmMmuPageRole, gfn: int, tdp: bool) -> KvmMmuPage:
-    """tdp_mmu_alloc_sp() / kvm_mmu_alloc_shadow_page(): a page from the VM's node."""
+def kvm_mmu_alloc_root_page(vcpu: KvmVcpu, role: KvmMmuPageRole, gfn: int, tdp: bool) -> KvmMmuPage:
+    """tdp_mmu_alloc_sp() / kvm_mmu_alloc_shadow_page(): a page from the VM's node (through the
+    vCPU's page cache with host.page_reuse=cached)."""
+    kvm = vcpu.kvm
     host = kvm.host
     kvm.next_root_id += 1
-    sp = KvmMmuPage(kvm.next_root_id, kvm, role, gfn, host.pool.alloc(kvm.node), tdp)
+    sp = KvmMmuPage(kvm.next_root_id, kvm, role, gfn, host.pool.alloc(vcpu, kvm.node), tdp)
     kvm.roots[sp.id] = sp
     host.metrics.vm["root_allocs"] += 1
     host.strategy.root_created(sp)
@@ -147,7 +187,7 @@ def kvm_mmu_free_page(kvm: Kvm, sp: KvmMmuPage) -> None:
     del kvm.roots[sp.id]
     host.metrics.vm["root_frees"] += 1
     host.strategy.root_freed(sp)
-    host.pool.release(kvm.node, sp.hpa)
+    host.pool.release(kvm.node, sp.hpa, host.now, rcu=sp.tdp_mmu_page)
 
 
 def kvm_tdp_mmu_alloc_root(vcpu: KvmVcpu) -> KvmMmuPage:
@@ -158,7 +198,7 @@ def kvm_tdp_mmu_alloc_root(vcpu: KvmVcpu) -> KvmMmuPage:
         if root.role == role and not root.invalid:
             root.root_count += 1
             return root
-    sp = kvm_mmu_alloc_root_page(kvm, role, 0, tdp=True)
+    sp = kvm_mmu_alloc_root_page(vcpu, role, 0, tdp=True)
     sp.root_count = 2
     kvm.tdp_mmu_roots.append(sp)
     kvm.host.strategy.root_allocated(vcpu, sp)
@@ -169,16 +209,16 @@ def is_obsolete_sp(kvm: Kvm, sp: KvmMmuPage) -> bool:
     return sp.invalid or (not sp.tdp_mmu_page and sp.mmu_valid_gen != kvm.mmu_valid_gen)
 
 
-def kvm_mmu_get_shadow_page(kvm: Kvm, gfn: int, role: KvmMmuPageRole) -> KvmMmuPage:
+def kvm_mmu_get_shadow_page(vcpu: KvmVcpu, gfn: int, role: KvmMmuPageRole) -> KvmMmuPage:
     """Find the shadow page for (gfn, role) in the VM's hash, or create it.
 
     A found page keeps its HPA (and any strategy state attached to it): a "new" root can be
     an old shadow page whose root_count went back to 0 without being zapped.
     """
-    key = (gfn, role)
+    kvm, key = vcpu.kvm, (gfn, role)
     sp = kvm.mmu_page_hash.get(key)
     if sp is None or is_obsolete_sp(kvm, sp):
-        sp = kvm_mmu_alloc_root_page(kvm, role, gfn, tdp=False)
+        sp = kvm_mmu_alloc_root_page(vcpu, role, gfn, tdp=False)
         kvm.mmu_page_hash[key] = sp
     return sp
 
@@ -191,7 +231,7 @@ def mmu_alloc_shadow_roots(vcpu: KvmVcpu) -> KvmMmuRootInfo:
         # returns before "mmu->root.pgd = root_pgd": the pgd stays 0, so no single-context L1
         # INVEPT ever matches (nested_ept_root_matches) and frees the dummy root
         return KvmMmuRootInfo(0, DUMMY_ROOT_HPA, None)
-    sp = kvm_mmu_get_shadow_page(vcpu.kvm, gfn, mmu.root_role)
+    sp = kvm_mmu_get_shadow_page(vcpu, gfn, mmu.root_role)
     sp.root_count += 1
     strategy = vcpu.kvm.host.strategy
     strategy.root_referenced(vcpu, sp)
@@ -206,8 +246,9 @@ def kvm_mmu_load(vcpu: KvmVcpu) -> None:
     This flush happens on every load, also when an existing TDP root is merely re-referenced;
     it is what lets freeing a root skip any flush.
     """
-    mmu = vcpu.arch.mmu
-    vcpu.kvm.host.strategy.mmu_topup_memory_caches(vcpu)
+    mmu, host = vcpu.arch.mmu, vcpu.kvm.host
+    host.pool.topup(vcpu, vcpu.kvm.node, host.now)
+    host.strategy.mmu_topup_memory_caches(vcpu)
     if mmu.root_role.direct:
         sp = kvm_tdp_mmu_alloc_root(vcpu)
         mmu.root = KvmMmuRootInfo(0, sp.hpa, sp)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -184,7 +184,8 @@ def renumber(events: np.ndarray, topo: Topology) -> tuple[np.ndarray, Topology]:
         if kind == Ev.VM_CREATE:
             _, level, _ = unpack_vm_create(int(rec["arg"]))
             rec["arg"] = pack_vm_create(max(1, len(vcpus[vm])), level, 0)
-    small = Topology(nr_cpus=max(1, len(cpus)), sockets=1, numa_nodes=1, smt=1, housekeeping_per_node=1, env=topo.env, name=f"t{len(cpus)}")
+    n = max(1, len(cpus))
+    small = replace(topo, nr_cpus=n, sockets=1, numa_nodes=1, smt=1, housekeeping_per_node=1, isolcpus=None, name=f"t{n}")
     return out, small
 
 

@@ -34,7 +34,7 @@ from hvmodel.workloads.rt_mixed import RtMixed
 
 from controls import CurrentRootOnly, NoMigrationFlush, RootMmuOnly
 from readings import READINGS
-from tracegen import ACTIONS, HYPERV, TOPO, build_trace
+from tracegen import ACTIONS, CACHED, HYPERV, TOPO, build_trace
 
 BARE_METAL = [Upstream, IpiAllOnAlloc, VmEverRanMask, ActiveRoots, PerRootCpumask, PerRootCpumaskClear, RootGeneration, *READINGS]
 CONTROLS = [NoMigrationFlush, CurrentRootOnly, RootMmuOnly]
@@ -63,10 +63,10 @@ def assert_same(trace, topo: Topology, strategy, **kwargs) -> dict:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(actions=ACTIONS)
 def test_random_traces_give_identical_results(actions):
-    """300 random valid traces x every strategy and control x both environments x the whole
-    host and one NUMA node's pCPUs."""
+    """300 random valid traces x every strategy and control x both environments (and bare metal
+    with page_reuse=cached) x the whole host and one NUMA node's pCPUs."""
     trace = build_trace(actions)
-    for topo in (TOPO, HYPERV):
+    for topo in (TOPO, HYPERV, CACHED):
         for strategy in strategies_for(topo):
             for owned in (None, [1]):
                 assert_same(trace, topo, strategy, owned_nodes=owned)

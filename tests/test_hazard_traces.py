@@ -351,6 +351,20 @@ def test_examples_explain_the_stale_use():
     assert (e["epoch"], e["cached_epoch"], e["cached_root"]) == (1, 0, e["root"])
 
 
+def test_h1_needs_the_lifo_page_pool():
+    """The H1 trace under no_migration_flush, with page_reuse=cached. VM 1's vCPU fills its page
+    cache with pfns 1..40 and its root takes the last one, 40. At teardown the root's page waits
+    for an RCU grace period (20 ms; the trace lasts 130 ns) and the cache's 39 pages go back to
+    the allocator. VM 2's vCPU refills from them (1..39) and one new page (41), and its root
+    takes 41: page 40, which P2 still caches for VM 1, is not reused, so no stale use. With
+    LIFO the new root gets page 40 at once: one h1 (test_h1_page_reuse)."""
+    cached = Topology(nr_cpus=4, smt=1, housekeeping_per_node=1, page_reuse="cached", name="t4")
+    r, s = simulate(load_text(TRACES / "h1_page_reuse.jsonl"), cached, NoMigrationFlush())
+    assert s["stale_tlb_uses"] == 0 and (s["root_allocs"], s["root_frees"]) == (2, 1)
+    lifo = run("h1_page_reuse.jsonl", "no_migration_flush", host(4))
+    assert lifo["stale_tlb_uses_h1"] == 1
+
+
 def test_mask_memory_from_a_memory_cache():
     """E with masks from a kvm_mmu_memory_cache, on the H1 trace: each VM's one vCPU fills its
     cache at its first kvm_mmu_load (40 masks of 8 bytes), its root takes one, and teardown frees

@@ -12,6 +12,8 @@ from hvmodel.trace import EVENT_DTYPE, MMU_RESET_REASONS, Ev, Trace, pack_nested
 
 TOPO = Topology(nr_cpus=8, numa_nodes=2, smt=1, housekeeping_per_node=1, name="p8")
 HYPERV = Topology(nr_cpus=8, numa_nodes=2, smt=1, housekeeping_per_node=1, env="hyperv", name="p8hv")
+# root pages through per-vCPU caches, TDP root pages back after 5 ns (an event or so here)
+CACHED = Topology(nr_cpus=8, numa_nodes=2, smt=1, housekeeping_per_node=1, page_reuse="cached", rcu_grace_ns=5, name="p8c")
 CPUS = [1, 2, 3, 5, 6, 7]  # the isolated CPUs: vCPUs run here; 0 and 4 run host code
 ACTIONS = st.lists(st.tuples(st.integers(0, 16), st.integers(0, 10_000)), min_size=40, max_size=250)
 

@@ -118,6 +118,7 @@ class FastEngine:
         c.first_visit_global = getattr(strategy, "first_visit_flush", "per_root") == "global"
         c.mask_reset_on_reference = getattr(strategy, "mask_lifetime", "page") == "reference"
         c.mask_cache = getattr(strategy, "mask_source", "kmalloc") == "memory_cache"
+        c.page_cached, c.rcu_grace_ns = topo.page_reuse == "cached", int(topo.rcu_grace_ns)
         mmus = getattr(strategy, "mmus", MMUS)
         c.mmus, c.prev_roots = sum(1 << i for i, m in enumerate(MMUS) if m in mmus), bool(getattr(strategy, "prev_roots", True))
         c.mask_bytes, c.table_bytes = strategy_memory(topo.nr_cpus, getattr(strategy, "mask_sizing", "nr_cpu_ids"))

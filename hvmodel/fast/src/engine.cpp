@@ -136,6 +136,8 @@ PYBIND11_MODULE(_engine, m) {
         .def_readwrite("first_visit_global", &Config::first_visit_global)
         .def_readwrite("mask_reset_on_reference", &Config::mask_reset_on_reference)
         .def_readwrite("mask_cache", &Config::mask_cache)
+        .def_readwrite("page_cached", &Config::page_cached)
+        .def_readwrite("rcu_grace_ns", &Config::rcu_grace_ns)
         .def_readwrite("mmus", &Config::mmus)
         .def_readwrite("prev_roots", &Config::prev_roots)
         .def_readwrite("mask_bytes", &Config::mask_bytes)

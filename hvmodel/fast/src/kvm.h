@@ -44,6 +44,7 @@ inline i64 new_vcpu_block(State& s, i64 n) {
                     &s.v_eptp12, &s.v_hv_root, &s.v_mmu, &s.v_next_free})
         grow(*a, u);
     for (auto* a : {&s.v_loaded, &s.v_gmode, &s.v_smm, &s.v_vmxon, &s.v_backed, &s.v_resched}) grow(*a, u);
+    grow(s.v_pcache, u);
     grow(s.v_vmcs, 2 * u), grow(s.m_role, 2 * u), grow(s.m_fast, 2 * u);
     grow(s.m_pgd, 2 * SLOTS * u), grow(s.m_hpa, 2 * SLOTS * u), grow(s.m_sp, 2 * SLOTS * u);
     return v0;
@@ -60,6 +61,7 @@ inline void free_vcpu_block(State& s, i64 v0, i64 n) {
 inline void init_vcpu(State& s, i64 v, i64 vm, i64 idx) {
     s.v_vm[v] = vm, s.v_idx[v] = idx, s.v_cpu[v] = NONE, s.v_loaded[v] = 0, s.v_mode[v] = OUTSIDE_GUEST_MODE;
     s.v_resched[v] = 0, s.v_mcache[v] = 0;
+    s.v_pcache[v].clear();
     s.v_req[v] = 0, s.v_gmode[v] = 0, s.v_smm[v] = 0, s.v_lvmcs[v] = VMCS01;
     s.vmcs(v, VMCS01) = NONE, s.vmcs(v, VMCS02) = NONE;
     s.v_vpid[v] = allocate_vpid(s);
@@ -99,6 +101,7 @@ inline void kvm_destroy_vm(State& s, i64 vm) {
         loaded_vmcs_clear(s, v, VMCS01);
         loaded_vmcs_clear(s, v, VMCS02);
         kvm_mmu_unload(s, v);
+        free_page_cache(s, v, s.vm_node[vm]);
         free_vpid(s, s.v_vpid[v]);
         free_vpid(s, s.v_vpid02[v]);
     }

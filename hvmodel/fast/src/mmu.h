@@ -80,10 +80,10 @@ inline RootList mmu_page_hash(State& s) { return {s.r_hnext, s.r_hprev, s.vm_hhe
 
 // --- allocation ---------------------------------------------------------------------------
 // tdp_mmu_alloc_sp() / kvm_mmu_alloc_shadow_page(): a page from the VM's node.
-inline i64 kvm_mmu_alloc_root_page(State& s, i64 vm, i64 role, i64 gfn, bool tdp) {
-    i64 r = new_root_slot(s);
+inline i64 kvm_mmu_alloc_root_page(State& s, i64 v, i64 role, i64 gfn, bool tdp) {
+    i64 r = new_root_slot(s), vm = s.v_vm[v];
     s.r_vm[r] = vm, s.r_id[r] = ++s.vm_next_rid[vm], s.r_serial[r] = s.next_serial++;
-    s.r_role[r] = role, s.r_gfn[r] = gfn, s.r_pid[r] = page_alloc(s, s.vm_node[vm]);
+    s.r_role[r] = role, s.r_gfn[r] = gfn, s.r_pid[r] = root_page_alloc(s, v, s.vm_node[vm]);
     s.r_count[r] = 0, s.r_epoch[r] = 0, s.r_vgen[r] = s.vm_vgen[vm];
     s.r_invalid[r] = 0, s.r_tdp[r] = tdp, s.r_sched[r] = 0, s.r_inhash[r] = 0;
     vm_roots(s).append(vm, r);
@@ -97,7 +97,7 @@ inline void kvm_mmu_free_page(State& s, i64 vm, i64 r) {
     vm_roots(s).remove(vm, r);
     s.vmc[ROOT_FREES]++;
     policy::root_freed(s, r);
-    page_release(s, s.vm_node[vm], s.r_pid[r]);
+    page_release(s, s.vm_node[vm], s.r_pid[r], s.r_tdp[r]);
     s.r_row[r] = NONE;
     s.r_free.push_back(r);
 }
@@ -128,7 +128,7 @@ inline i64 kvm_tdp_mmu_alloc_root(State& s, i64 v) {
             s.r_count[r]++;
             return r;
         }
-    i64 r = kvm_mmu_alloc_root_page(s, vm, role, 0, true);
+    i64 r = kvm_mmu_alloc_root_page(s, v, role, 0, true);
     s.r_count[r] = 2;
     tdp_mmu_roots(s).append(vm, r);
     root_allocated(s, v, r);
@@ -140,11 +140,12 @@ inline bool is_obsolete_sp(const State& s, i64 vm, i64 r) {
 }
 
 // The shadow page for (gfn, role) in the VM's hash, or a new one.
-inline i64 kvm_mmu_get_shadow_page(State& s, i64 vm, i64 gfn, i64 role) {
+inline i64 kvm_mmu_get_shadow_page(State& s, i64 v, i64 gfn, i64 role) {
+    i64 vm = s.v_vm[v];
     i64 found = s.vm_hhead[vm];
     while (found != NONE && !(s.r_gfn[found] == gfn && s.r_role[found] == role)) found = s.r_hnext[found];
     if (found != NONE && !is_obsolete_sp(s, vm, found)) return found;
-    i64 r = kvm_mmu_alloc_root_page(s, vm, role, gfn, false);
+    i64 r = kvm_mmu_alloc_root_page(s, v, role, gfn, false);
     s.r_inhash[r] = 1;
     if (found == NONE) {
         mmu_page_hash(s).append(vm, r);
@@ -159,6 +160,7 @@ inline i64 kvm_mmu_get_shadow_page(State& s, i64 vm, i64 gfn, i64 role) {
 // provenance of the root is unknown".
 inline void kvm_mmu_load(State& s, i64 v) {
     int m = int(s.v_mmu[v]);
+    page_topup(s, v, s.vm_node[s.v_vm[v]]);
     policy::mmu_topup_memory_caches(s, v);
     if (s.role(v, m) & ROLE_DIRECT) {
         i64 r = kvm_tdp_mmu_alloc_root(s, v);
@@ -166,7 +168,7 @@ inline void kvm_mmu_load(State& s, i64 v) {
     } else if (!s.v_backed[v]) {  // kvm_mmu_get_dummy_root()
         set_slot(s, v, m, 0, 0, DUMMY_ROOT_HPA, NONE);  // pgd stays 0: no L1 INVEPT matches it
     } else {
-        i64 r = kvm_mmu_get_shadow_page(s, s.v_vm[v], s.v_eptp12[v], s.role(v, m));
+        i64 r = kvm_mmu_get_shadow_page(s, v, s.v_eptp12[v], s.role(v, m));
         s.r_count[r]++;
         set_slot(s, v, m, 0, s.v_eptp12[v], page_hpa(s, s.r_pid[r]), r);
         policy::root_referenced(s, r);

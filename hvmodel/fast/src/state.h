@@ -11,7 +11,9 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -112,6 +114,8 @@ struct Config {
     bool first_visit_global = false;     // C: first_visit_flush=global
     bool mask_reset_on_reference = false;  // E: mask_lifetime=reference
     bool mask_cache = false;               // E: mask_source=memory_cache
+    bool page_cached = false;              // host.page_reuse=cached
+    i64 rcu_grace_ns = 0;
     i64 mmus;    // D's flush set: bit 0 root_mmu, bit 1 guest_mmu
     bool prev_roots;
     i64 mask_bytes, table_bytes;  // one strategy cpumask, one generation table (F)
@@ -130,7 +134,8 @@ struct State {
     i64 noise_period_ns;
     double noise_threshold_us, noise_budget_us;
     i64 max_examples, policy, mmus;
-    bool elide_migration_flush, first_visit_global, mask_reset_on_reference, mask_cache, prev_roots;
+    bool elide_migration_flush, first_visit_global, mask_reset_on_reference, mask_cache, prev_roots, page_cached;
+    i64 rcu_grace_ns;
     i64 mask_bytes, table_bytes;
 
     // --- the event being replayed
@@ -153,6 +158,8 @@ struct State {
     // --- pages: pid = pfn * n_nodes + node; hpa = ((node << 36) | pfn) << PAGE_SHIFT
     std::vector<u64> holders;  // per page, a cpumask row: owned pCPUs caching it
     std::vector<std::vector<i64>> pool;  // per node: LIFO of freed pages
+    std::vector<std::vector<i64>> v_pcache;     // page_reuse=cached: per vCPU, its page cache
+    std::deque<std::array<i64, 3>> rcu;         // page_reuse=cached: (free time, node, page)
     std::vector<i64> next_pfn;           // pfn 0 of node 0 is the zero page (dummy root)
 
     // --- VPIDs (vmx_vpid_bitmap): a min-heap of freed ones, all below vpid_next
@@ -222,7 +229,8 @@ struct State {
           noise_threshold_us(c.noise_threshold_us), noise_budget_us(c.noise_budget_us), max_examples(c.max_examples),
           policy(c.policy), mmus(c.mmus),
           elide_migration_flush(c.elide_migration_flush), first_visit_global(c.first_visit_global),
-          mask_reset_on_reference(c.mask_reset_on_reference), mask_cache(c.mask_cache), prev_roots(c.prev_roots), mask_bytes(c.mask_bytes), table_bytes(c.table_bytes),
+          mask_reset_on_reference(c.mask_reset_on_reference), mask_cache(c.mask_cache), prev_roots(c.prev_roots),
+          page_cached(c.page_cached), rcu_grace_ns(c.rcu_grace_ns), mask_bytes(c.mask_bytes), table_bytes(c.table_bytes),
           running(n_cpus, NONE), in_guest(n_cpus, NONE), mark(n_cpus, 0), scratch(n_cpus + 64),
           tlb_n(n_cpus, 0), pool(n_nodes), next_pfn(n_nodes, 1), map_keys(64, -1), map_vals(64, 0),
           vblock_free(KVM_MAX_VCPUS + 1, NONE), cnt(N_COUNTERS * n_cpus, 0), flt(N_FLOATS * n_cpus, 0.0),
