@@ -29,8 +29,9 @@ from hvmodel.mmu import (
     kvm_mmu_unload,
     kvm_mmu_zap_all_fast,
     kvm_mmu_zap_leafs,
+    kvm_mmu_zap_shadow_root,
 )
-from hvmodel.trace import TraceError
+from hvmodel.trace import ZAP_FLOOD, TraceError
 from hvmodel.vmx import (
     LoadedVmcs,
     handle_invept,
@@ -241,8 +242,11 @@ def kvm_smm_changed(vcpu: KvmVcpu, entering: bool) -> None:
     kvm_mmu_reset_context(vcpu)
 
 
-def kvm_zap_gfn_range(kvm: Kvm, eptp12: int) -> None:
-    kvm_mmu_zap_leafs(kvm, eptp12)
+def kvm_zap_gfn_range(kvm: Kvm, arg: int) -> None:
+    if arg & ZAP_FLOOD:
+        kvm_mmu_zap_shadow_root(kvm, arg & ~ZAP_FLOOD)
+    else:
+        kvm_mmu_zap_leafs(kvm, arg)
 
 
 def kvm_arch_flush_shadow_memslot(kvm: Kvm) -> None:

@@ -380,6 +380,28 @@ def kvm_mmu_zap_leafs(kvm: Kvm, eptp12: int = 0) -> None:
     kvm_flush_remote_tlbs(kvm)
 
 
+def kvm_mmu_zap_shadow_root(kvm: Kvm, eptp12: int) -> None:
+    """kvm_mmu_track_write() on write flooding (detect_write_flooding()) or a misaligned write
+    to L1's EPT12 root table: kvm_mmu_prepare_zap_page() on the shadow root itself. It leaves
+    the hash, becomes invalid (obsolete) with its SPTEs zapped, and is freed now if no vCPU
+    holds it; otherwise every vCPU gets KVM_REQ_MMU_FREE_OBSOLETE_ROOTS and its next entry frees
+    it and loads a new shadow root (root_count 0 -> 1: B's broadcast). Then the commit's remote
+    flush."""
+    in_use = False
+    for key, sp in list(kvm.mmu_page_hash.items()):
+        if sp.gfn != eptp12 or sp.invalid:
+            continue
+        del kvm.mmu_page_hash[key]
+        sp.invalid, sp.epoch = True, sp.epoch + 1
+        if sp.root_count:
+            in_use = True
+        else:
+            kvm_mmu_free_page(kvm, sp)
+    if in_use:
+        kvm_make_all_cpus_request(kvm, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+    kvm_flush_remote_tlbs(kvm)
+
+
 def kvm_tdp_mmu_invalidate_roots(kvm: Kvm) -> None:
     """Mark valid roots invalid and schedule them for zapping; roots invalidated earlier are
     already scheduled (or zapped): their TDP MMU reference must be put only once."""

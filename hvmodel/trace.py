@@ -59,6 +59,8 @@ EVENT_BY_NAME = {v: k for k, v in EVENT_NAMES.items()}
 # nested_vmenter: l2 | NO_NESTED_EPT | EPTP_NOT_BACKED  (with nested EPT, eptp12 == l2)
 NESTED_NO_EPT = 1 << 32  # L1 does not use EPT for this L2: KVM maps L2 with a TDP root (guest_mode=1)
 NESTED_EPTP_NOT_BACKED = 1 << 33  # EPTP12 points outside L1's memslots: dummy root
+# zap: arg = eptp12 | ZAP_FLOOD
+ZAP_FLOOD = 1 << 32  # kvm_mmu_track_write() zaps the shadow root itself (write flooding, misaligned write)
 MMU_RESET_REASONS = ("cr0", "cr4", "efer", "cpuid")
 
 
@@ -88,7 +90,7 @@ TEXT_FIELDS: dict[Ev, tuple[tuple[str, ...], dict[str, object]]] = {
     Ev.VCPU_PUT: (("vcpu",), {}),
     Ev.VM_ENTRY: (("vcpu",), {}),
     Ev.VM_EXIT: (("vcpu",), {}),
-    Ev.ZAP: ((), {"pcpu": 0, "eptp12": 0}),
+    Ev.ZAP: ((), {"pcpu": 0, "eptp12": 0, "flood": False}),
     Ev.MEMSLOT_DELETE: ((), {"pcpu": 0}),
     Ev.SMM_ENTER: (("vcpu",), {}),
     Ev.SMM_EXIT: (("vcpu",), {}),
@@ -144,7 +146,13 @@ def event_from_json(obj: dict, lineno: int) -> tuple:
         if level not in (4, 5):
             raise TraceError(f"line {lineno}: vm_create: tdp_level must be 4 or 5, got {level}")
         arg = pack_vm_create(_int_field(f, "vcpus", lineno, 1, KVM_MAX_VCPUS), level, _int_field(f, "node", lineno, 0, 1023))
-    elif kind in (Ev.ZAP, Ev.L1_INVEPT):
+    elif kind == Ev.ZAP:
+        arg = _int_field(f, "eptp12", lineno, 0, L2_MAX)
+        if _bool_field(f, "flood", lineno):
+            if not arg:
+                raise TraceError(f"line {lineno}: zap: flood needs an eptp12 (the EPT12 table L1 wrote)")
+            arg |= ZAP_FLOOD
+    elif kind == Ev.L1_INVEPT:
         arg = _int_field(f, "eptp12", lineno, 0, L2_MAX)
     elif kind == Ev.NESTED_VMENTER:
         l2 = _int_field(f, "l2", lineno, 1, L2_MAX)
@@ -167,7 +175,11 @@ def event_to_json(rec) -> dict:
         obj["pcpu"] = pcpu
     if kind == Ev.VM_CREATE:
         obj["vcpus"], obj["tdp_level"], obj["node"] = unpack_vm_create(arg)
-    elif kind in (Ev.ZAP, Ev.L1_INVEPT):
+    elif kind == Ev.ZAP:
+        obj["eptp12"] = arg & L2_MAX
+        if arg & ZAP_FLOOD:
+            obj["flood"] = True
+    elif kind == Ev.L1_INVEPT:
         obj["eptp12"] = arg
     elif kind == Ev.NESTED_VMENTER:
         obj["l2"] = arg & 0xFFFFFFFF

@@ -334,6 +334,31 @@ def test_a_kicked_vcpu_that_reschedules_defers_its_flush():
     assert stale["B~"]["stale_tlb_uses_h4"] == stale["C~"]["stale_tlb_uses_h4"] == 1
 
 
+def test_a_flooded_ept12_root_is_zapped_and_replaced():
+    """3 CPUs, one vCPU. e2/e3: R allocated on P1 (load flush; B: 1 local + 2 IPIs; C: 1 local
+    + 1 IPI to P0, its mask {P0, P1}), A/B/C's first-load request: a global. e4/e5: vmcs02's
+    first load on P1 (A/B/C: request, global at e5; D/E/E'/F flush R there), shadow root S
+    allocated and loaded (the same counts again; +1 INVVPID). e6: the flood zap makes S invalid (epoch 1); S is in use,
+    so KVM_REQ_MMU_FREE_OBSOLETE_ROOTS kicks the vCPU in guest mode (1 flush IPI) and the
+    commit's remote flush adds KVM_REQ_TLB_FLUSH; the re-entry frees S (root_frees 1; its last
+    reference on an invalid page is a second commit: a second remote flush, whose request the
+    same entry services), runs the INVEPT all-context and loads S' for EPTP12 7 on S's page: a third allocation (B: 3 singles
+    and 2 IPIs again; C: 2 and 1), and the load flush elsewhere. Nothing is stale: the global
+    INVEPT at re-entry and the new root's flush both cover P1.
+    Singles: A 3 (three load flushes), D/E/E'/F 4; B 9; C 6. Globals: A/B/C 3, others 1."""
+    expected = {
+        "A": ({}, 3, 3, 1, 1),
+        "B": ({}, 9, 3, 7, 1),
+        "C": ({}, 6, 3, 4, 1),
+        "D": ({}, 4, 1, 1, 1),
+        "E": ({}, 4, 1, 1, 1),
+        "E'": ({}, 4, 1, 1, 1),
+        "F": ({}, 4, 1, 1, 1),
+    }
+    for s in check("ept12_write_flood.jsonl", host(3), expected).values():
+        assert (s["root_allocs"], s["root_frees"], s["remote_flushes"]) == (3, 1, 2)
+
+
 def test_migrations_first_loads_and_pcpu_changes_are_told_apart():
     """h4_remote_flush: vm_create loads vmcs01 of a and b on P0 (two first loads); a and b
     then load on P2 and P3 (VMCS moves, VMCLEAR IPIs to P0, but not pCPU changes: neither had

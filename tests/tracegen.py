@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from hvmodel.host import Topology
-from hvmodel.trace import EVENT_DTYPE, MMU_RESET_REASONS, Ev, Trace, pack_nested_vmenter, pack_vm_create
+from hvmodel.trace import EVENT_DTYPE, MMU_RESET_REASONS, ZAP_FLOOD, Ev, Trace, pack_nested_vmenter, pack_vm_create
 
 TOPO = Topology(nr_cpus=8, numa_nodes=2, smt=1, housekeeping_per_node=1, name="p8")
 HYPERV = Topology(nr_cpus=8, numa_nodes=2, smt=1, housekeeping_per_node=1, env="hyperv", name="p8hv")
@@ -79,7 +79,8 @@ def build_trace(actions: list[tuple[int, int]]) -> Trace:
             else:
                 enter(vm, i, v)
         elif action == 6:  # mmu-notifier zap, or an EPT12 write zap
-            emit(Ev.ZAP, pick(sorted(vms)), pcpu=4 * (p % 2), arg=0 if p % 3 else 1 + p % 4)
+            eptp12 = 0 if p % 3 else 1 + p % 4
+            emit(Ev.ZAP, pick(sorted(vms)), pcpu=4 * (p % 2), arg=eptp12 | (ZAP_FLOOD if eptp12 and p % 5 == 0 else 0))
         elif action == 7:
             emit(Ev.MEMSLOT_DELETE, pick(sorted(vms)), pcpu=0)
         elif action == 8 and loaded:  # SMM transition

@@ -218,6 +218,7 @@ inline void dispatch(State& s, int kind, i64 vm_id, i64 idx, i64 cpu, i64 arg) {
             if (!on_cpu(s, cpu, false)) return;
             if ((vm = map_get(s, vm_id)) == NONE) return fail(s, ERR_NO_VM, kind, vm_id);
             if (kind == VM_DESTROY) return kvm_destroy_vm(s, vm);
+            if (kind == ZAP && (arg & ZAP_FLOOD)) return kvm_mmu_zap_shadow_root(s, vm, arg & ~ZAP_FLOOD);
             if (kind == ZAP) return kvm_mmu_zap_leafs(s, vm, arg);
             return kvm_mmu_zap_all_fast(s, vm);
         case VM_CREATE:

@@ -281,6 +281,22 @@ inline void kvm_mmu_zap_leafs(State& s, i64 vm, i64 eptp12) {
     kvm_flush_remote_tlbs(s, vm);
 }
 
+// kvm_mmu_track_write() on write flooding or a misaligned write to L1's EPT12 root table:
+// kvm_mmu_prepare_zap_page() on the shadow root itself (mmu.kvm_mmu_zap_shadow_root).
+inline void kvm_mmu_zap_shadow_root(State& s, i64 vm, i64 eptp12) {
+    bool in_use = false;
+    for (i64 r = s.vm_hhead[vm], next; r != NONE; r = next) {
+        next = s.r_hnext[r];
+        if (s.r_gfn[r] != eptp12 || s.r_invalid[r]) continue;
+        mmu_page_hash(s).remove(vm, r);
+        s.r_inhash[r] = 0, s.r_invalid[r] = 1, s.r_epoch[r]++;
+        if (s.r_count[r]) in_use = true;
+        else kvm_mmu_free_page(s, vm, r);
+    }
+    if (in_use) kvm_make_all_cpus_request(s, vm, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS);
+    kvm_flush_remote_tlbs(s, vm);
+}
+
 inline void kvm_tdp_mmu_invalidate_roots(State& s, i64 vm) {
     for (i64 r = s.vm_thead[vm]; r != NONE; r = s.r_tnext[r])
         if (!s.r_invalid[r]) s.r_invalid[r] = 1, s.r_sched[r] = 1;

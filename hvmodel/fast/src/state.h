@@ -59,6 +59,7 @@ enum Example { EX_T, EX_PCPU, EX_VM, EX_VCPU, EX_KIND, EX_MMU, EX_ROOT, EX_HPA, 
 enum Ev { VM_CREATE = 1, VM_DESTROY, VCPU_LOAD, VCPU_PUT, VM_ENTRY, VM_EXIT, ZAP, MEMSLOT_DELETE, SMM_ENTER,
           SMM_EXIT, NESTED_VMENTER, NESTED_VMEXIT, L1_INVEPT, MMU_RESET_CONTEXT, GUEST_TLB_FLUSH, NEED_RESCHED };
 constexpr i64 NESTED_NO_EPT = i64(1) << 32, NESTED_EPTP_NOT_BACKED = i64(1) << 33;
+constexpr i64 ZAP_FLOOD = i64(1) << 32;  // zap: kvm_mmu_track_write() zaps the shadow root itself
 
 // Errors a trace can cause (engine.py has their messages)
 enum Error { ERR_NONE, ERR_NO_VM, ERR_NO_VCPU, ERR_NOT_LOADED, ERR_NO_PCPU, ERR_HOST_ON_GUEST_CPU, ERR_VM_EXISTS,
