@@ -92,6 +92,7 @@ class Metrics:
         self.cpu_f = {name: np.zeros(nr_cpus, np.float64) for name in PER_CPU_FLOATS}
         self.vm = dict.fromkeys(REPLICATED, 0)
         self.stale_by_kind = dict.fromkeys(HAZARDS, 0)
+        self.stale_any_kind = dict.fromkeys(HAZARDS, 0)
         self.examples: list[dict] = []
         self.cpumask_bytes = 0
         self.event_peak = 0  # the most bytes allocated during the current event (split shards)
@@ -110,10 +111,13 @@ class Metrics:
         self.cpumask_bytes -= nbytes
 
     # --- oracle -----------------------------------------------------------------------
-    def stale(self, cpu: int, t_ns: int, kind: str, example: Callable[[], dict]) -> None:
-        """Count a stale use; build its example only if it can be among the first ones."""
+    def stale(self, cpu: int, t_ns: int, kinds: list[str], example: Callable[[], dict]) -> None:
+        """Count a stale use under its first kind and every kind that applies; build its example
+        only if it can be among the first ones."""
         self.cpu["stale_tlb_uses"][cpu] += 1
-        self.stale_by_kind[kind] += 1
+        self.stale_by_kind[kinds[0]] += 1
+        for k in kinds:
+            self.stale_any_kind[k] += 1
         ex = self.examples
         if len(ex) < self.max_examples or (ex and t_ns <= ex[-1]["t_ns"]):  # events come in time order
             self.examples = first_examples([*ex, example()], self.max_examples)
@@ -151,6 +155,7 @@ class Metrics:
             "per_cpu": per_cpu,
             "vm": dict(self.vm),
             "stale_by_kind": dict(self.stale_by_kind),
+            "stale_any_kind": dict(self.stale_any_kind),
             "examples": list(self.examples),
         }
 
@@ -180,9 +185,9 @@ def merge(results: list[dict], max_examples: int = 10, split: bool = False) -> d
                 raise AssertionError(f"shards disagree on VM-level counters: {diff}")
     # each pCPU has exactly one owner and is 0 elsewhere: a sum is exact, maxima included
     per_cpu = {key: np.sum([r["per_cpu"][key] for r in results], axis=0) for key in first["per_cpu"]}
-    stale = {k: sum(r["stale_by_kind"][k] for r in results) for k in first["stale_by_kind"]}
+    stale = {key: {k: sum(r[key][k] for r in results) for k in first[key]} for key in ("stale_by_kind", "stale_any_kind")}
     examples = first_examples([e for r in results for e in r["examples"]], max_examples)
-    return {"per_cpu": per_cpu, "vm": vm, "stale_by_kind": stale, "examples": examples}
+    return {"per_cpu": per_cpu, "vm": vm, **stale, "examples": examples}
 
 
 def whole_host_peak(series: Iterable[tuple[int, int, int]]) -> int:
@@ -220,6 +225,7 @@ def summarize(result: dict, rt_mask: np.ndarray, sim_seconds: float) -> dict:
     out: dict[str, float] = {
         "stale_tlb_uses": int(pc["stale_tlb_uses"].sum()),
         **{f"stale_tlb_uses_{k}": int(v) for k, v in result["stale_by_kind"].items()},
+        **{f"stale_tlb_uses_any_{k}": int(v) for k, v in result["stale_any_kind"].items()},
         "invept_single": int(pc["invept_single"].sum()),
         "invept_global": int(pc["invept_global"].sum()),
         "invvpid": int(pc["invvpid"].sum()),

@@ -3,7 +3,9 @@
 At every VM entry, after requests are serviced and the root is loaded, the pCPU may still cache
 translations for the active root's EP4TA. They are stale if they belong to another root (the
 page was freed and reused: H1) or to an older epoch of this root (its SPTEs were zapped since).
-Each stale use is counted and classified by the first rule that matches (metrics.HAZARDS):
+Each stale use is counted once, under the first rule that matches (metrics.HAZARDS), and also
+under every rule that applies (stale_any_kind: an h4 entry reached through fast_pgd_switch()
+is h3 as well, so a hole of h3 or h5 does not hide behind h4):
 
   h1  the cached tag belongs to a different root (EP4TA reuse)
   h4  a remote flush could not reach this entry: on bare metal, none of the VM's vCPUs had a
@@ -36,25 +38,25 @@ class Oracle:
     def __init__(self, host: Host):
         self.host = host
 
-    def classify(self, vcpu: KvmVcpu, root, entry: TlbEntry) -> str:
-        if entry.sp is not root.sp:
-            return "h1"
-        if entry.missed:
-            return "h4"
+    def classify(self, vcpu: KvmVcpu, root, entry: TlbEntry) -> list[str]:
+        """Every kind that applies, in the order of the rules (h2 only if no other does)."""
         mmu = vcpu.arch.mmu
-        if mmu.root_via_fast_switch:
-            return "h3"
-        if mmu is vcpu.arch.guest_mmu:
-            return "h5"
-        return "h2"
+        applies = {
+            "h1": entry.sp is not root.sp,
+            "h4": entry.missed,
+            "h3": mmu.root_via_fast_switch,
+            "h5": mmu is vcpu.arch.guest_mmu,
+        }
+        return [k for k, yes in applies.items() if yes] or ["h2"]
 
     def stale_use(self, cpu: int, vcpu: KvmVcpu, root, entry: TlbEntry) -> None:
-        kind = self.classify(vcpu, root, entry)
+        kinds = self.classify(vcpu, root, entry)
+        kind = kinds[0]
         sp = root.sp
         self.host.metrics.stale(
             cpu,
             self.host.now,
-            kind,
+            kinds,
             lambda: {
                 "t_ns": self.host.now,
                 "kind": kind,

@@ -225,7 +225,7 @@ class Told:
 
     def __init__(self):
         self.event, self.lines = 0, []
-        self.roots: dict[int, str] = {}  # shadow page id -> R1, R2, ...
+        self.roots: dict[tuple[int, int], str] = {}  # (VM id, root id) -> R1, R2, ...
         self.flushed: dict[tuple[int, str], int] = {}  # (pCPU, root name or "*") -> event
         self.zapped: dict[str, int] = {}  # root name -> event
 
@@ -280,8 +280,8 @@ def _record(host, told: Told) -> None:
         setattr(host, name, wrapped)
 
 
-def _name(roots: dict[int, str], sp) -> str:
-    return roots.setdefault(sp.id, f"R{len(roots) + 1}")
+def _name(roots: dict, sp) -> str:
+    return roots.setdefault((sp.kvm.id, sp.id), f"R{len(roots) + 1}")
 
 
 def _tlbs(host, roots) -> dict[tuple[int, str], tuple[int, bool]]:
@@ -290,14 +290,14 @@ def _tlbs(host, roots) -> dict[tuple[int, str], tuple[int, bool]]:
 
 
 def _epochs(host) -> dict[int, int]:
-    return {sp.id: sp.epoch for kvm in host.vms.values() for sp in kvm.roots.values()}
+    return {(kvm.id, sp.id): sp.epoch for kvm in host.vms.values() for sp in kvm.roots.values()}
 
 
 def _epoch_changes(a: dict, b: dict, told: Told) -> list[str]:
     out = []
     for k, v in b.items():
         if k in a and a[k] != v:
-            name = told.roots.get(k, f"#{k}")
+            name = told.roots.get(k, f"#{k[1]}")
             told.zapped[name] = told.event
             out.append(f"root {name} zapped: epoch {a[k]} -> {v}")
     return out
@@ -321,7 +321,8 @@ def _tlb_changes(a: dict, b: dict, env: str) -> list[str]:
 
 
 def _stale_sentence(e: dict, told: Told) -> str:
-    root, cached, cpu = told.roots.get(e["root"], e["root"]), told.roots.get(e["cached_root"], e["cached_root"]), e["pcpu"]
+    root = told.roots.get((e["vm"], e["root"]), e["root"])
+    cached, cpu = told.roots.get((e["cached_vm"], e["cached_root"]), e["cached_root"]), e["pcpu"]
     last = max(told.flushed.get((cpu, cached), 0), told.flushed.get((cpu, "*"), 0))
     when = f"pCPU {cpu} last flushed {cached} at event {last}" if last else f"pCPU {cpu} never flushed {cached}"
     if cached in told.zapped:

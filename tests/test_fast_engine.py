@@ -47,7 +47,7 @@ def strategies_for(topo: Topology) -> list:
 
 def differences(ref: dict, fast: dict) -> list[str]:
     """Every field in which two raw results differ (empty if they are identical)."""
-    diff = [k for k in ("vm", "stale_by_kind", "examples") if ref[k] != fast[k]]
+    diff = [k for k in ("vm", "stale_by_kind", "stale_any_kind", "examples") if ref[k] != fast[k]]
     if ref["per_cpu"].keys() != fast["per_cpu"].keys():
         return [*diff, "per_cpu keys"]
     return diff + [k for k in ref["per_cpu"] if not np.array_equal(ref["per_cpu"][k], fast["per_cpu"][k])]

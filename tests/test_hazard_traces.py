@@ -359,6 +359,19 @@ def test_a_flooded_ept12_root_is_zapped_and_replaced():
         assert (s["root_allocs"], s["root_frees"], s["remote_flushes"]) == (3, 1, 2)
 
 
+def test_every_kind_that_applies_is_counted():
+    """tests/traces/hv_page_reuse.jsonl under the control no_migration_flush: one stale use, on
+    P1 at the last entry, of VM 1's entries for the reused page. It counts once, under its first
+    kind, h1 (stale_tlb_uses_h1), and under every kind that applies: h1 and h4
+    (stale_tlb_uses_any_*), so the missed remote flush is not hidden behind the page reuse.
+    Every real strategy flushes the new root on P1 first (a migration or load flush)."""
+    s = run("hv_page_reuse.jsonl", "no_migration_flush", host(3, env="hyperv"))
+    assert s["stale_tlb_uses"] == s["stale_tlb_uses_h1"] == 1
+    assert {k: s[f"stale_tlb_uses_any_{k}"] for k in HAZARDS} == {"h1": 1, "h4": 1, "h3": 0, "h5": 0, "h2": 0}
+    for k in ("A", "B", "B~", "C", "C~", "D", "E", "E'", "F", "H"):
+        assert run("hv_page_reuse.jsonl", k, host(3, env="hyperv"))["stale_tlb_uses"] == 0, k
+
+
 def test_migrations_first_loads_and_pcpu_changes_are_told_apart():
     """h4_remote_flush: vm_create loads vmcs01 of a and b on P0 (two first loads); a and b
     then load on P2 and P3 (VMCS moves, VMCLEAR IPIs to P0, but not pCPU changes: neither had

@@ -26,6 +26,7 @@ def scenario(duration_s: float) -> Scenario:
 
 def same(a: dict, b: dict) -> None:
     assert a["vm"] == b["vm"] and a["stale_by_kind"] == b["stale_by_kind"] and a["examples"] == b["examples"]
+    assert a["stale_any_kind"] == b["stale_any_kind"]
     for key in b["per_cpu"]:
         assert np.array_equal(a["per_cpu"][key], b["per_cpu"][key]), key
 

@@ -48,7 +48,7 @@ def run_plan(scenario: Scenario, shards: int) -> dict:
 
 def assert_identical(a: dict, b: dict) -> None:
     assert a["vm"] == b["vm"]
-    assert a["stale_by_kind"] == b["stale_by_kind"]
+    assert a["stale_by_kind"] == b["stale_by_kind"] and a["stale_any_kind"] == b["stale_any_kind"]
     assert a["examples"] == b["examples"]
     assert a["per_cpu"].keys() == b["per_cpu"].keys()
     for key in a["per_cpu"]:

@@ -157,7 +157,7 @@ class FastEngine:
 
     def result(self) -> dict:
         """hvmodel.metrics.Metrics.result(), from the compiled state; call once, at the end."""
-        cnt, flt, vmc, stale_kind, ex = self.state.result()
+        cnt, flt, vmc, stale_kind, stale_any, ex = self.state.result()
         vm = dict(zip(REPLICATED, vmc, strict=True))
         vm["events"] = self.events
         examples = []
@@ -169,6 +169,7 @@ class FastEngine:
             "per_cpu": {**dict(zip(PER_CPU_COUNTERS, cnt, strict=True)), **dict(zip(PER_CPU_FLOATS, flt, strict=True))},
             "vm": vm,
             "stale_by_kind": dict(zip(HAZARDS, stale_kind, strict=True)),
+            "stale_any_kind": dict(zip(HAZARDS, stale_any, strict=True)),
             "examples": examples,
         }
 

@@ -88,7 +88,8 @@ class Engine {
             return a;
         };
         std::vector<i64> vmc(s.vmc, s.vmc + N_REPLICATED), stale(s.stale_kind, s.stale_kind + N_HAZARDS);
-        return py::make_tuple(matrix(s.cnt, N_COUNTERS, s.n_cpus), matrix(s.flt, N_FLOATS, s.n_cpus), vmc, stale,
+        std::vector<i64> any(s.stale_any, s.stale_any + N_HAZARDS);
+        return py::make_tuple(matrix(s.cnt, N_COUNTERS, s.n_cpus), matrix(s.flt, N_FLOATS, s.n_cpus), vmc, stale, any,
                               matrix(s.ex, s.ex_n, N_EX));
     }
 

@@ -53,9 +53,10 @@ inline bool example_before(const i64* a, const i64* b) {
 
 // Metrics.stale: count a stale use, and keep it if it is among the first max_examples in the
 // (t_ns, pcpu, vm, vcpu) order. Ties keep arrival order, as Python's stable sort does.
-inline void stale(State& s, i64 cpu, int kind, const i64* example) {
+inline void stale(State& s, i64 cpu, int kinds, const i64* example) {
     s.c(STALE_TLB_USES, cpu)++;
-    s.stale_kind[kind]++;
+    s.stale_kind[__builtin_ctz(kinds)]++;
+    for (int k = 0; k < N_HAZARDS; k++) s.stale_any[k] += (kinds >> k) & 1;
     i64 n = s.ex_n, k = s.max_examples;
     if (n == k && (k == 0 || !example_before(example, &s.ex[(n - 1) * N_EX]))) return;
     i64 i = n;

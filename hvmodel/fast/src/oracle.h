@@ -18,22 +18,21 @@ inline i64 tlb_find(const State& s, i64 cpu, i64 pid) {
     return NONE;
 }
 
+// Every kind that applies, as bits (Hazard order); H2 only if no other does.
 inline int classify(State& s, i64 v, i64 r, i64 e) {
-    if (s.tlb_serial[e] != s.r_serial[r]) return H1;
-    if (s.tlb_missed[e]) return H4;
     int m = int(s.v_mmu[v]);
-    if (s.fast(v, m)) return H3;
-    if (m == GUEST_MMU) return H5;
-    return H2;
+    int kinds = (s.tlb_serial[e] != s.r_serial[r]) << H1 | s.tlb_missed[e] << H4 | (s.fast(v, m) != 0) << H3 |
+                (m == GUEST_MMU) << H5;
+    return kinds ? kinds : 1 << H2;
 }
 
 // Oracle.stale_use: TLB entry e (an index into the tlb_* arrays) of `cpu` is stale for root r,
 // which vCPU v enters.
 inline void stale_use(State& s, i64 cpu, i64 v, i64 r, i64 e) {
-    int kind = classify(s, v, r, e);
+    int kinds = classify(s, v, r, e), kind = __builtin_ctz(kinds);  // the first rule that matches
     i64 ex[N_EX] = {s.now, cpu, s.vm_ext[s.v_vm[v]], s.v_idx[v], kind, s.v_mmu[v], s.r_id[r], page_hpa(s, s.r_pid[r]),
                     s.r_epoch[r], s.tlb_rid[e], s.tlb_vmid[e], s.tlb_epoch[e]};
-    stale(s, cpu, kind, ex);
+    stale(s, cpu, kinds, ex);
 }
 
 inline bool contains(const i64* a, i64 n, i64 x) {

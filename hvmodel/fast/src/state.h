@@ -204,7 +204,8 @@ struct State {
     std::vector<i64> cnt;     // [N_COUNTERS][n_cpus]
     std::vector<double> flt;  // [N_FLOATS][n_cpus]
     i64 vmc[N_REPLICATED] = {};
-    i64 stale_kind[N_HAZARDS] = {};
+    i64 stale_kind[N_HAZARDS] = {};  // by the first kind that applies
+    i64 stale_any[N_HAZARDS] = {};   // by every kind that applies
     i64 mask_now = 0;
     std::vector<i64> win;  // open noise window
     std::vector<double> win_noise;
