@@ -69,7 +69,8 @@ def find(scenario, example: dict, budget_s: float, source_events: int) -> tuple[
 def replay_command(ce: shrink.Counterexample, path: str, strategy: str) -> str:
     t = ce.topo
     host = f"host.nr_cpus={t.nr_cpus} host.numa_nodes=1 host.sockets=1 host.smt=1 host.housekeeping_per_node=1 host.env={t.env}"
-    return f"hvbench workload=trace workload.path={path} {host} host.page_reuse={t.page_reuse} host.name={t.name} strategy={strategy}"
+    pages = f"host.page_reuse={t.page_reuse} host.rcu_grace_ns={t.rcu_grace_ns}"
+    return f"hvbench workload=trace workload.path={path} {host} {pages} host.name={t.name} strategy={strategy}"
 
 
 def walkthrough_text(ce: shrink.Counterexample, scenario, make, seconds: float) -> str:
