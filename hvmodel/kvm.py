@@ -133,16 +133,12 @@ def kvm_create_vm(host: Host, vm_id: int, nr_vcpus: int, tdp_level: int, node: i
         raise TraceError(f"vm_create: node {node} does not exist (host has {host.topo.numa_nodes})")
     kvm = host.vms[vm_id] = Kvm(host, vm_id, nr_vcpus, tdp_level, node)
     host.strategy.vm_created(kvm)
-    for vcpu in kvm.vcpus:  # kvm_arch_vcpu_create(): vcpu_load(); ... kvm_init_mmu(); vcpu_put()
-        vmm_vcpu_load(vcpu, host.this_cpu)
+    # kvm_arch_vcpu_create(): vcpu_load(); ... kvm_init_mmu(); vcpu_put(). The VMCS becomes
+    # active on the VMM's pCPU, a VMCS load like any other; the vCPU does not run there, so the
+    # pCPU it last ran on (vcpu.cpu) is left alone.
+    for vcpu in kvm.vcpus:
+        vmx_vcpu_load_vmcs(vcpu, host.this_cpu)
     return kvm
-
-
-def vmm_vcpu_load(vcpu: KvmVcpu, cpu: int) -> None:
-    """vcpu_load() by a VMM thread outside KVM_RUN (vCPU creation, teardown): the current VMCS
-    becomes active on the VMM's pCPU, a VMCS load like any other (VMCLEAR IPI to where it was,
-    the strategy's migration hook). The vCPU does not run: the pCPU it last ran on is kept."""
-    vmx_vcpu_load_vmcs(vcpu, cpu)
 
 
 def kvm_destroy_vm(kvm: Kvm) -> None:
@@ -154,10 +150,10 @@ def kvm_destroy_vm(kvm: Kvm) -> None:
         if vcpu.loaded:
             raise TraceError(f"vm_destroy: vCPU {vcpu.vcpu_idx} of VM {kvm.id} is still loaded; vcpu_put it first")
     for vcpu in kvm.vcpus:
-        vmm_vcpu_load(vcpu, host.this_cpu)
+        vmx_vcpu_load_vmcs(vcpu, host.this_cpu)  # nested_vmx_free_vcpu(): vcpu_load(), as at creation
         if vcpu.loaded_vmcs is vcpu.vmcs02:  # vmx_leave_nested() -> nested_vmx_vmexit()
             vcpu.loaded_vmcs = vcpu.vmcs01
-            vmm_vcpu_load(vcpu, host.this_cpu)
+            vmx_vcpu_load_vmcs(vcpu, host.this_cpu)
         loaded_vmcs_clear(host, vcpu.vmcs01)
         loaded_vmcs_clear(host, vcpu.vmcs02)
         kvm_mmu_unload(vcpu)

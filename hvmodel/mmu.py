@@ -177,7 +177,7 @@ def kvm_mmu_alloc_root_page(vcpu: KvmVcpu, role: KvmMmuPageRole, gfn: int, tdp: 
     sp = KvmMmuPage(kvm.next_root_id, kvm, role, gfn, host.pool.alloc(vcpu, kvm.node), tdp)
     kvm.roots[sp.id] = sp
     host.metrics.vm["root_allocs"] += 1
-    host.strategy.root_created(sp)
+    host.strategy.root_created(vcpu, sp)
     return sp
 
 

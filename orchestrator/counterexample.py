@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from hvmodel import shrink
-from hvmodel.trace import EVENT_DTYPE, Trace, event_to_json
+from hvmodel.trace import EVENT_DTYPE, event_to_json
 from orchestrator.report import write_atomic
 from orchestrator.scenario import CONF_DIR
 
@@ -31,36 +31,30 @@ def _factory(cfg):
     return lambda: instantiate(cfg)
 
 
-def trace_prefix(scenario, example: dict) -> np.ndarray:
-    """The job's trace up to the first stale use, first only the events of the two VMs it names
-    (the VM that read the stale entry, and the VM that cached it); the whole prefix if those
-    alone do not show it and the prefix is not too large."""
+def trace_prefix(scenario, example: dict, only_its_vms: bool) -> np.ndarray:
+    """The job's trace up to the first stale use; with `only_its_vms`, only the events of the
+    two VMs it names (the VM that read the stale entry, and the VM that cached it)."""
     vms = [example["vm"], example["cached_vm"]]
-
-    def read(only_vms: bool) -> np.ndarray:
-        parts = []
-        for chunk in scenario.make_trace():
-            part = chunk[chunk["time_ns"] <= example["t_ns"]]
-            parts.append(part[np.isin(part["vm"], vms)] if only_vms else part)
-            if len(part) < len(chunk):
-                break
-        return np.concatenate(parts) if parts else np.empty(0, EVENT_DTYPE)
-
-    own = read(True)
-    result = scenario.engine(scenario.topo, copy.deepcopy(scenario.strategy)).run(Trace.from_array(own))
-    if result["stale_by_kind"].get(example["kind"], 0):
-        return own
-    full = read(False)
-    return full if len(full) <= MAX_FULL_PREFIX else own
+    parts = []
+    for chunk in scenario.make_trace():
+        part = chunk[chunk["time_ns"] <= example["t_ns"]]
+        parts.append(part[np.isin(part["vm"], vms)] if only_its_vms else part)
+        if len(part) < len(chunk):
+            break
+    return np.concatenate(parts) if parts else np.empty(0, EVENT_DTYPE)
 
 
 def find(scenario, example: dict, budget_s: float, source_events: int) -> tuple[shrink.Counterexample, str] | None:
     """Shrink the job's first stale use (`example`, from the job's result; the job replayed
-    `source_events`) into a counter-example and its walk-through text."""
+    `source_events`) into a counter-example and its walk-through text. The stale use's own VMs
+    are tried first; the whole prefix only if they alone do not show it and it is not too large."""
     t0 = time.monotonic()
-    events = trace_prefix(scenario, example)
     make = lambda: copy.deepcopy(scenario.strategy)
-    ce = shrink.shrink(events, scenario.topo, make, scenario.engine, example["kind"], budget_s, source_events)
+    search = lambda events: shrink.shrink(events, scenario.topo, make, scenario.engine, example["kind"], budget_s, source_events)
+    ce = search(trace_prefix(scenario, example, only_its_vms=True))
+    if ce is None:
+        full = trace_prefix(scenario, example, only_its_vms=False)
+        ce = search(full) if len(full) <= MAX_FULL_PREFIX else None
     if ce is None:
         return None
     return ce, walkthrough_text(ce, scenario, make, time.monotonic() - t0)

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hvmodel.errors import ConfigError
+from hvmodel.mmu import KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE
 from hvmodel.strategies.active_roots import ActiveRoots
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 MASK_LIFETIMES = ("page", "reference")
 MASK_SOURCES = ("kmalloc", "memory_cache")
-KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE = 40
 
 
 class PerRootCpumask(ActiveRoots):
@@ -48,19 +48,17 @@ class PerRootCpumask(ActiveRoots):
         self.mask_lifetime, self.mask_source = mask_lifetime, mask_source
         self.cpu_flushed_mask: dict[KvmMmuPage, set[int]] = {}  # root -> pCPUs that flushed it
         self.cached: dict = {}  # memory_cache: vCPU -> masks in its cache
-        self.loading = None  # the vCPU in kvm_mmu_load(), whose cache new roots take from
 
     def mmu_topup_memory_caches(self, vcpu):
-        self.loading = vcpu
         if self.mask_source == "memory_cache" and self.cached.get(vcpu, 0) < 1:
             have = self.cached.get(vcpu, 0)
             self.cached[vcpu] = KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE
             self.host.metrics.mask_alloc((KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE - have) * self.mask_bytes)
 
-    def root_created(self, sp):
+    def root_created(self, vcpu, sp):
         self.cpu_flushed_mask[sp] = set()
         if self.mask_source == "memory_cache":
-            self.cached[self.loading] -= 1  # kvm_mmu_memory_cache_alloc(): already counted
+            self.cached[vcpu] -= 1  # kvm_mmu_memory_cache_alloc(): already counted
         else:
             self.host.metrics.mask_alloc(self.mask_bytes)
 

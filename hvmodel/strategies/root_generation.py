@@ -26,7 +26,7 @@ class RootGeneration(ActiveRoots):
         self.gen: dict[KvmMmuPage, int] = {}  # root -> generation
         self.flushed_gen: dict[KvmMmuPage, dict[int, int]] = {}  # root -> {pCPU: generation}
 
-    def root_created(self, sp):
+    def root_created(self, vcpu, sp):
         self.gen[sp] = 0
         self.flushed_gen[sp] = {}
         self.host.metrics.mask_alloc(self.table_bytes)

@@ -219,8 +219,6 @@ inline i64 page_alloc(State& s, i64 node) {
 // page_reuse=cached (mmu.PagePool): roots take pages from the vCPU's mmu_shadow_page_cache,
 // which kvm_mmu_load() tops up (below PT64_ROOT_MAX_LEVEL objects, refill to 40); TDP root
 // pages come back after an RCU grace period, shadow pages at once.
-constexpr i64 KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE = 40, PT64_ROOT_MAX_LEVEL = 5;
-
 inline void page_topup(State& s, i64 v, i64 node) {
     if (!s.page_cached) return;
     while (!s.rcu.empty() && s.rcu.front()[0] <= s.now) {

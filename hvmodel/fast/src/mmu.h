@@ -88,7 +88,7 @@ inline i64 kvm_mmu_alloc_root_page(State& s, i64 v, i64 role, i64 gfn, bool tdp)
     s.r_invalid[r] = 0, s.r_tdp[r] = tdp, s.r_sched[r] = 0, s.r_inhash[r] = 0;
     vm_roots(s).append(vm, r);
     s.vmc[ROOT_ALLOCS]++;
-    policy::root_created(s, r);
+    policy::root_created(s, v, r);
     return r;
 }
 

@@ -41,12 +41,13 @@ inline bool needs_flush(State& s, i64 r, i64 cpu) {
     }
 }
 
-inline void root_created(State& s, i64 r) {
-    if (s.policy == PER_ROOT_CPUMASK || s.policy == PER_ROOT_CPUMASK_CLEAR) per_root_cpumask::root_created(s, r);
+// E and E' (per_root_cpumask_clear only adds to the remote flush)
+inline bool per_root_mask(const State& s) { return s.policy == PER_ROOT_CPUMASK || s.policy == PER_ROOT_CPUMASK_CLEAR; }
+
+inline void root_created(State& s, i64 v, i64 r) {
+    if (per_root_mask(s)) per_root_cpumask::root_created(s, v, r);
     else if (s.policy == ROOT_GENERATION) root_generation::root_created(s, r);
 }
-
-inline bool per_root_mask(const State& s) { return s.policy == PER_ROOT_CPUMASK || s.policy == PER_ROOT_CPUMASK_CLEAR; }
 
 inline void mmu_topup_memory_caches(State& s, i64 v) {
     if (per_root_mask(s)) per_root_cpumask::mmu_topup_memory_caches(s, v);
@@ -57,7 +58,7 @@ inline void root_referenced(State& s, i64 r) {
 }
 
 inline void root_freed(State& s, i64 r) {
-    if (s.policy == PER_ROOT_CPUMASK || s.policy == PER_ROOT_CPUMASK_CLEAR) per_root_cpumask::root_freed(s, r);
+    if (per_root_mask(s)) per_root_cpumask::root_freed(s, r);
     else if (s.policy == ROOT_GENERATION) root_generation::root_freed(s, r);
 }
 

@@ -29,6 +29,8 @@ constexpr int ROOT_MMU = 0, GUEST_MMU = 1;
 constexpr int SLOTS = 4;  // root, prev_roots[0..2] (KVM_MMU_NUM_PREV_ROOTS = 3)
 constexpr int PAGE_SHIFT = 12;
 constexpr i64 DUMMY_ROOT_HPA = 0;
+// a kvm_mmu_memory_cache's capacity; mmu_topup_memory_caches()'s minimum for the page cache
+constexpr i64 KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE = 40, PT64_ROOT_MAX_LEVEL = 5;
 constexpr i64 KVM_MAX_VCPUS = 4096;
 
 // kvm_mmu_page_role, packed: level | direct | guest_mode | smm | ad_disabled
@@ -194,9 +196,8 @@ struct State {
     std::vector<i64> vblock_free, v_next_free;  // per size: first freed block
 
     // --- strategy state: cpumask rows (E, C) and generation tables (F: generation + 1 per pCPU);
-    // E's per-vCPU mask caches (mask_source=memory_cache) and the vCPU in kvm_mmu_load()
+    // E's per-vCPU mask caches (mask_source=memory_cache)
     std::vector<i64> v_mcache;
-    i64 loading_v = NONE;
     RowPool<u64> rows;
     RowPool<u32> gens;
 

@@ -5,19 +5,16 @@
 
 namespace hv::per_root_cpumask {
 
-constexpr i64 KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE = 40;
-
 // mask_source=memory_cache: kvm_mmu_load() tops the vCPU's cache up when it is empty
 inline void mmu_topup_memory_caches(State& s, i64 v) {
-    s.loading_v = v;
     if (!s.mask_cache || s.v_mcache[v] >= 1) return;
     mask_alloc(s, (KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE - s.v_mcache[v]) * s.mask_bytes);
     s.v_mcache[v] = KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE;
 }
 
-inline void root_created(State& s, i64 r) {
+inline void root_created(State& s, i64 v, i64 r) {
     s.r_row[r] = s.rows.alloc();
-    if (s.mask_cache) s.v_mcache[s.loading_v]--;  // from the cache: already counted
+    if (s.mask_cache) s.v_mcache[v]--;  // from the vCPU's cache: already counted
     else mask_alloc(s, s.mask_bytes);
 }
 
