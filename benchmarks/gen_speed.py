@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-CASES = "overcommit:x384,rt_mixed:x1920,partitioned_pinned:x8192"
+CASES = "overcommit:x384,rt_mixed:x1920,partitioned_pinned_light:x8192"
 
 # Imports and generates a short trace of every workload: the compiled code is loaded from the
 # cache, or compiled (and written to it) when the cache is empty.

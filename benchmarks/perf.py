@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.gen_speed import build
 from hvmodel.cost import CostModel
 from hvmodel.engine import Engine
 from hvmodel.fast.engine import FastEngine
@@ -67,6 +68,11 @@ class Clock:
 
     def __exit__(self, *exc):
         self.wall, self.cpu = time.perf_counter() - self.wall, _cpu() - self.cpu
+
+
+def light(duration_s: float) -> PartitionedPinned:
+    """workload=partitioned_pinned_light: the x8192 trace the targets were set on."""
+    return build("partitioned_pinned_light", "x8192", duration_s)[0]
 
 
 def _cpu() -> float:
@@ -112,12 +118,12 @@ def main() -> int:
     p.add_argument("--skip-startup", action="store_true", help="skip the cold compile and the C++ build")
     a = p.parse_args()
     rows: list[tuple[str, str, str, str, str]] = []  # what, events, wall s, events per CPU-s, vs
-    workload = PartitionedPinned(duration_s=a.duration)
+    workload = light(a.duration)
     with tempfile.TemporaryDirectory(prefix="hvbench-perf-") as tmp:
         path = Path(tmp) / "x8192.hvt"
         n = save_binary(workload.trace(X8192, 0), path)
         mib = path.stat().st_size / 2**20
-        print(f"trace: x8192 partitioned_pinned, {a.duration:g} simulated s, {n:,} events, {mib:.0f} MiB", file=sys.stderr)
+        print(f"trace: x8192 partitioned_pinned_light, {a.duration:g} simulated s, {n:,} events, {mib:.0f} MiB", file=sys.stderr)
 
         n, c = floor(path)
         floor_rate = n / c.cpu
@@ -138,7 +144,7 @@ def main() -> int:
         gen = n / c.cpu
         rows.append(("generator, compiled (makes the trace)", f"{n:,}", f"{c.wall:.2f}", f"{gen / 1e6:.1f} M", "-"))
         with Clock() as c:
-            n = sum(len(chunk) for chunk in PartitionedPinned(duration_s=1.0).trace(X8192, 0, reference=True))
+            n = sum(len(chunk) for chunk in light(1.0).trace(X8192, 0, reference=True))
         rows.append(("generator, reference (first simulated second)", f"{n:,}", f"{c.wall:.2f}", f"{n / c.cpu / 1e6:.2f} M",
                      f"compiled / ref = {gen / (n / c.cpu):.0f}x"))  # fmt: skip
 
@@ -162,14 +168,14 @@ def main() -> int:
 
 
 def shard_speedup(duration: float) -> list[tuple[str, str, str]]:
-    """One job, x8192 partitioned_pinned upstream, on a local Ray with 2 CPUs: 1 then 2 shards
+    """One job, x8192 partitioned_pinned_light upstream, on a local Ray with 2 CPUs: 1 then 2 shards
     (split by node: each generates and replays its own nodes' VMs)."""
     from orchestrator.scenario import Scenario
     from orchestrator.sharding import LocalRay, run_shards
 
     cluster = LocalRay(num_cpus=2)
     cluster.ensure()
-    scenario = Scenario(X8192, PartitionedPinned(duration_s=duration), Upstream(), CostModel(), NoiseBudget(), seed=0)
+    scenario = Scenario(X8192, light(duration), Upstream(), CostModel(), NoiseBudget(), seed=0)
     walls = {1: [], 2: []}
     for shards in (1, 2, 1, 2):  # alternated, the best of each: the machine is shared
         t0 = time.perf_counter()
@@ -180,13 +186,14 @@ def shard_speedup(duration: float) -> list[tuple[str, str, str]]:
     ray.shutdown()
     walls = [min(walls[1]), min(walls[2])]
     return [
-        (f"1 shard: x8192 partitioned_pinned upstream {duration:g} s (generate + replay, Ray)", f"{walls[0]:.1f}", "1x"),
+        (f"1 shard: x8192 partitioned_pinned_light upstream {duration:g} s (generate + replay, Ray)", f"{walls[0]:.1f}", "1x"),
         ("2 shards on 2 CPUs, split by node", f"{walls[1]:.1f}", f"{walls[0] / walls[1]:.2f}x"),
     ]
 
 
 def sweep_speedup(duration: float, tmp: Path) -> list[tuple[str, str, str]]:
-    args = ["-m", "strategy=glob(*,exclude=[hyperv_flush_hypercall,*_elide])", "host=x8192", f"workload.duration_s={duration}",
+    args = ["-m", "strategy=glob(*,exclude=[hyperv_flush_hypercall,*_elide])", "host=x8192", "workload=partitioned_pinned_light",
+            f"workload.duration_s={duration}",
             "cluster.num_cpus=2"]  # fmt: skip
     walls = []
     for launcher in ("basic", "hvbench"):

@@ -74,7 +74,7 @@ def run(args: list[str], cwd: Path) -> tuple[float, int, subprocess.CompletedPro
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hosts", default="x64,x384,x1920,x8192")
-    p.add_argument("--workload", default="partitioned_pinned")
+    p.add_argument("--workload", default="partitioned_pinned_light")
     p.add_argument("--strategies", default="upstream,active_roots", help="comma list, or 'all' (every bare-metal strategy)")
     p.add_argument("--duration", type=float, default=10.0, help="simulated seconds")
     p.add_argument("--shards", type=int, default=1)

@@ -16,10 +16,10 @@ from hvmodel.kvm import (
     guest_tlb_flush,
     kvm_arch_flush_shadow_memslot,
     kvm_arch_vcpu_load,
-    kvm_arch_vcpu_put,
     kvm_create_vm,
     kvm_destroy_vm,
     kvm_mmu_reset_context,
+    kvm_sched_out,
     kvm_smm_changed,
     kvm_zap_gfn_range,
     l1_invept,
@@ -113,7 +113,7 @@ class Engine:
             self._on(cpu, vcpu_thread=True)
             kvm_arch_vcpu_load(vcpu_event(host, vm, i, "vcpu_load"), cpu)
         elif kind == Ev.VCPU_PUT:
-            kvm_arch_vcpu_put(vcpu_event(host, vm, i, "vcpu_put"))
+            kvm_sched_out(vcpu_event(host, vm, i, "vcpu_put"), arg)
         elif kind == Ev.VM_ENTRY:
             vcpu_enter_guest(vcpu_event(host, vm, i, "vm_entry"))
         elif kind == Ev.NEED_RESCHED:  # the scheduler, not the vCPU: it stays in guest mode
@@ -194,15 +194,18 @@ class Engine:
         if len(chunk):
             self.sim_ns = cols[0][-1]
 
-    def result(self) -> dict:
-        """The raw result (metrics.Metrics.result()); call once, after the last chunk."""
+    def result(self, end_ns: int | None = None) -> dict:
+        """The raw result (metrics.Metrics.result()); call once, after the last chunk. `end_ns`:
+        the trace's end (its duration), where open guest-mode, steal and lifetime intervals
+        close; by default the last event's time."""
         self.host.metrics.vm["events"] = self.events
+        self.host.close_accounting(self.sim_ns if end_ns is None else end_ns)
         return self.host.metrics.result()
 
     def run(self, trace: Trace) -> dict:
         for chunk in trace:
             self.replay(chunk, trace)
-        return self.result()
+        return self.result(trace.duration_ns)
 
 
 def simulate(trace: Trace, topo: Topology, strategy: FlushStrategy, engine=None, **kwargs) -> tuple[dict, dict]:
@@ -221,7 +224,7 @@ def simulate(trace: Trace, topo: Topology, strategy: FlushStrategy, engine=None,
             break
         eng.replay(chunk, trace)
         replay += time.perf_counter() - t1
-    result = eng.result()
+    result = eng.result(trace.duration_ns)
     summary = summarize(result, topo.rt_mask(), trace.duration_ns / 1e9)
     summary.update(timing(summary["events"], replay, gen))
     return result, summary

@@ -171,6 +171,7 @@ class Host:
         self.running: list[KvmVcpu | None] = [None] * n  # vCPU loaded here and not put
         self.in_guest: list[KvmVcpu | None] = [None] * n  # vCPU in IN_GUEST_MODE here
         self.guest_mode = np.zeros(n, bool)  # the same, as a mask, for IPIs to many pCPUs
+        self.guest_since = [0] * n  # when the vCPU in guest mode here entered (guest_ns)
         self.metrics = Metrics(n, noise, max_examples)
         self.oracle = Oracle(self)
         self.pool = PagePool(topo.numa_nodes, topo.page_reuse == "cached", topo.rcu_grace_ns)
@@ -308,11 +309,28 @@ class Host:
         vcpu.mode = IN_GUEST_MODE
         self.in_guest[vcpu.cpu] = vcpu
         self.guest_mode[vcpu.cpu] = True
+        self.guest_since[vcpu.cpu] = self.now
 
     def leave_guest(self, vcpu: KvmVcpu) -> None:
         vcpu.mode = OUTSIDE_GUEST_MODE
         self.in_guest[vcpu.cpu] = None
         self.guest_mode[vcpu.cpu] = False
+        if self.owned[vcpu.cpu]:
+            self.metrics.cpu["vm_exits"][vcpu.cpu] += 1
+            self.metrics.cpu["guest_ns"][vcpu.cpu] += self.now - self.guest_since[vcpu.cpu]
+
+    def close_accounting(self, end_ns: int) -> None:
+        """The trace's rates at its end: guest mode, steal and vCPU lifetimes still open run to
+        end_ns (the trace's duration, the same in every shard)."""
+        m = self.metrics
+        for cpu, vcpu in enumerate(self.in_guest):
+            if vcpu is not None and self.owned[cpu]:
+                m.cpu["guest_ns"][cpu] += end_ns - self.guest_since[cpu]
+        for kvm in self.vms.values():
+            m.vm["vcpu_ns"] += len(kvm.vcpus) * (end_ns - kvm.created_ns)
+            for vcpu in kvm.vcpus:
+                if vcpu.preempted_ns >= 0 and self.owned[vcpu.cpu]:
+                    m.cpu["steal_ns"][vcpu.cpu] += end_ns - vcpu.preempted_ns
 
     def hv_flush_guest_physical_address_space(self, src: int, hpa: int) -> None:
         """HvCallFlushGuestPhysicalAddressSpace: L0 drops EP4TA `hpa` on every pCPU.

@@ -31,7 +31,7 @@ from hvmodel.mmu import (
     kvm_mmu_zap_leafs,
     kvm_mmu_zap_shadow_root,
 )
-from hvmodel.trace import ZAP_FLOOD, TraceError
+from hvmodel.trace import PUT_PREEMPTED, ZAP_FLOOD, TraceError
 from hvmodel.vmx import (
     LoadedVmcs,
     handle_invept,
@@ -85,6 +85,7 @@ class KvmVcpu:
         "loaded",
         "nested_vmxon",
         "need_resched",
+        "preempted_ns",
     )
 
     def __init__(self, kvm: Kvm, idx: int):
@@ -92,6 +93,7 @@ class KvmVcpu:
         self.cpu = -1  # vcpu->cpu: the pCPU it last loaded on
         self.loaded = False  # between vcpu_load and vcpu_put
         self.need_resched = False  # TIF_NEED_RESCHED on its thread (Ev.NEED_RESCHED)
+        self.preempted_ns = -1  # vcpu->preempted: put while runnable, at this time (steal_ns)
         self.mode = OUTSIDE_GUEST_MODE
         self.requests = 0
         self.arch = KvmVcpuArch()
@@ -116,6 +118,7 @@ class Kvm:
 
     def __init__(self, host: Host, vm_id: int, nr_vcpus: int, tdp_level: int, node: int):
         self.host, self.id, self.tdp_level, self.node = host, vm_id, tdp_level, node
+        self.created_ns = host.now  # for vcpu_ns
         self.roots: dict = {}  # every live root page of this VM, by id (1, 2, ... within the VM)
         self.next_root_id = 0
         self.tdp_mmu_roots: list = []
@@ -149,7 +152,9 @@ def kvm_destroy_vm(kvm: Kvm) -> None:
     for vcpu in kvm.vcpus:
         if vcpu.loaded:
             raise TraceError(f"vm_destroy: vCPU {vcpu.vcpu_idx} of VM {kvm.id} is still loaded; vcpu_put it first")
+    host.metrics.vm["vcpu_ns"] += len(kvm.vcpus) * (host.now - kvm.created_ns)
     for vcpu in kvm.vcpus:
+        end_steal(vcpu)
         vmx_vcpu_load_vmcs(vcpu, host.this_cpu)  # nested_vmx_free_vcpu(): vcpu_load(), as at creation
         if vcpu.loaded_vmcs is vcpu.vmcs02:  # vmx_leave_nested() -> nested_vmx_vmexit()
             vcpu.loaded_vmcs = vcpu.vmcs01
@@ -175,9 +180,31 @@ def kvm_arch_vcpu_load(vcpu: KvmVcpu, cpu: int) -> None:
         raise TraceError(f"vcpu_load: pCPU {cpu} is running {other!r}")
     if vcpu.cpu not in (-1, cpu) and host.owned[cpu]:
         host.metrics.cpu["pcpu_changes"][cpu] += 1
+    end_steal(vcpu)
     vcpu.cpu, vcpu.loaded = cpu, True
     host.running[cpu] = vcpu
     vmx_vcpu_load_vmcs(vcpu, cpu)
+
+
+def kvm_sched_out(vcpu: KvmVcpu, reason: int) -> None:
+    """The vCPU thread leaves its pCPU: kvm_sched_out() (or vcpu_put()) -> kvm_arch_vcpu_put().
+    `reason` (trace.PUT_REASONS) only feeds the trace's rates: halts, preemptions, steal."""
+    kvm_arch_vcpu_put(vcpu)
+    host = vcpu.kvm.host
+    if reason == PUT_PREEMPTED:
+        vcpu.preempted_ns = host.now
+    if host.owned[vcpu.cpu] and reason:
+        host.metrics.cpu["preemptions" if reason == PUT_PREEMPTED else "halts"][vcpu.cpu] += 1
+
+
+def end_steal(vcpu: KvmVcpu) -> None:
+    """A preempted vCPU runs again (or its VM goes): the wait since its preemption is steal,
+    counted on the pCPU it was preempted on."""
+    host = vcpu.kvm.host
+    if vcpu.preempted_ns >= 0:
+        if host.owned[vcpu.cpu]:
+            host.metrics.cpu["steal_ns"][vcpu.cpu] += host.now - vcpu.preempted_ns
+        vcpu.preempted_ns = -1
 
 
 def kvm_arch_vcpu_put(vcpu: KvmVcpu) -> None:

@@ -33,6 +33,12 @@ PER_CPU_COUNTERS = (
     "stale_tlb_uses",  # oracle violations at VM entries here
     "noise_events",  # interruptions here at or above the noise threshold
     "rt_budget_violations",  # noise windows here over budget
+    # the trace's own rates (how realistic a run was; no strategy changes them)
+    "vm_exits",  # every exit from guest mode here: the trace's (vm_exit, vcpu_put, ...) and IPIs' (vmexits_from_ipi)
+    "halts",  # vcpu_put here of a vCPU blocked in HLT (trace arg PUT_HALT)
+    "preemptions",  # vcpu_put here of a runnable vCPU (arg PUT_PREEMPTED: kvm_sched_out's vcpu->preempted)
+    "guest_ns",  # time a vCPU spent in guest mode here
+    "steal_ns",  # time from a preemption here to that vCPU's next vcpu_load (a lower bound of steal)
 )
 PER_CPU_FLOATS = (
     "flush_overhead_us",  # all flush-related cost charged to this pCPU
@@ -49,6 +55,7 @@ REPLICATED = (
     "hv_flush_hypercalls",
     "vpid_exhausted",
     "cpumask_bytes_peak",
+    "vcpu_ns",  # the time every vCPU existed, summed (vm_create to vm_destroy or the trace's end)
 )
 
 # Oracle hazard kinds (kvm-flush-semantics.md §6), in classification order.
@@ -217,6 +224,35 @@ RATE_KEYS = (
 )
 
 
+# The trace's own rates, per vCPU (per second a vCPU existed): what a user compares with a real
+# host (cost-anchors.md "Workload rates seen on real KVM hosts") to see how realistic a run was.
+TRACE_RATE_KEYS = (
+    "vcpu_seconds",
+    "exits_per_vcpu_s",
+    "halts_per_vcpu_s",
+    "preemptions_per_vcpu_s",
+    "pcpu_changes_per_vcpu_s",
+    "guest_mode_pct",
+    "steal_pct",
+)
+
+
+def trace_rates(pc: dict, vm: dict) -> dict:
+    """TRACE_RATE_KEYS. Steal counts from a preemption to the next vcpu_load (a woken vCPU
+    that waits for a pCPU is not in a trace)."""
+    vcpu_ns = int(vm["vcpu_ns"])
+    per_s = 1e9 / vcpu_ns if vcpu_ns else 0.0
+    return {
+        "vcpu_seconds": vcpu_ns / 1e9,
+        "exits_per_vcpu_s": int(pc["vm_exits"].sum()) * per_s,
+        "halts_per_vcpu_s": int(pc["halts"].sum()) * per_s,
+        "preemptions_per_vcpu_s": int(pc["preemptions"].sum()) * per_s,
+        "pcpu_changes_per_vcpu_s": int(pc["pcpu_changes"].sum()) * per_s,
+        "guest_mode_pct": 100 * int(pc["guest_ns"].sum()) / vcpu_ns if vcpu_ns else 0.0,
+        "steal_pct": 100 * int(pc["steal_ns"].sum()) / vcpu_ns if vcpu_ns else 0.0,
+    }
+
+
 def summarize(result: dict, rt_mask: np.ndarray, sim_seconds: float) -> dict:
     """The flat metric dict of DESIGN.md §6 (keys of summary.json and MLflow metric names)."""
     pc, vm = result["per_cpu"], result["vm"]
@@ -253,6 +289,7 @@ def summarize(result: dict, rt_mask: np.ndarray, sim_seconds: float) -> dict:
     if sim_seconds > 0:
         for key in RATE_KEYS:
             out[f"{key}_per_s"] = out[key] / sim_seconds
+    out.update(trace_rates(pc, vm))
     for k, v in out.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise AssertionError(f"metric {k} is not finite: {v}")

@@ -62,6 +62,11 @@ NESTED_EPTP_NOT_BACKED = 1 << 33  # EPTP12 points outside L1's memslots: dummy r
 # zap: arg = eptp12 | ZAP_FLOOD
 ZAP_FLOOD = 1 << 32  # kvm_mmu_track_write() zaps the shadow root itself (write flooding, misaligned write)
 MMU_RESET_REASONS = ("cr0", "cr4", "efer", "cpuid")
+# vcpu_put: arg = why the thread left its pCPU. kvm_sched_out() sets vcpu->preempted when the
+# task is still runnable (task_is_runnable(current) && vcpu->wants_to_run); a vCPU blocked in
+# kvm_vcpu_halt() is not. Neither changes a flush: they feed the trace's own rates.
+PUT_REASONS = ("unknown", "halt", "preempted")
+PUT_HALT, PUT_PREEMPTED = 1, 2
 
 
 def pack_vm_create(vcpus: int, tdp_level: int = 4, node: int = 0) -> int:
@@ -87,9 +92,9 @@ TEXT_FIELDS: dict[Ev, tuple[tuple[str, ...], dict[str, object]]] = {
     Ev.VM_CREATE: (("vcpus",), {"node": 0, "tdp_level": 4, "pcpu": 0}),
     Ev.VM_DESTROY: ((), {"pcpu": 0}),
     Ev.VCPU_LOAD: (("vcpu", "pcpu"), {}),
-    Ev.VCPU_PUT: (("vcpu",), {}),
+    Ev.VCPU_PUT: (("vcpu",), {"reason": "unknown"}),
     Ev.VM_ENTRY: (("vcpu",), {}),
-    Ev.VM_EXIT: (("vcpu",), {}),
+    Ev.VM_EXIT: (("vcpu",), {"exit_reason": 0}),
     Ev.ZAP: ((), {"pcpu": 0, "eptp12": 0, "flood": False}),
     Ev.MEMSLOT_DELETE: ((), {"pcpu": 0}),
     Ev.SMM_ENTER: (("vcpu",), {}),
@@ -161,6 +166,12 @@ def event_from_json(obj: dict, lineno: int) -> tuple:
         if f["reason"] not in MMU_RESET_REASONS:
             raise TraceError(f"line {lineno}: mmu_reset_context: reason must be one of {', '.join(MMU_RESET_REASONS)}")
         arg = MMU_RESET_REASONS.index(f["reason"])
+    elif kind == Ev.VCPU_PUT:
+        if f["reason"] not in PUT_REASONS:
+            raise TraceError(f"line {lineno}: vcpu_put: reason must be one of {', '.join(PUT_REASONS)}")
+        arg = PUT_REASONS.index(f["reason"])
+    elif kind == Ev.VM_EXIT:
+        arg = _int_field(f, "exit_reason", lineno, 0, 0xFFFF)
     return (t, int(kind), vm, vcpu, pcpu, arg)
 
 
@@ -187,6 +198,10 @@ def event_to_json(rec) -> dict:
         obj["eptp_backed"] = not arg & NESTED_EPTP_NOT_BACKED
     elif kind == Ev.MMU_RESET_CONTEXT:
         obj["reason"] = MMU_RESET_REASONS[arg]
+    elif kind == Ev.VCPU_PUT and arg:
+        obj["reason"] = PUT_REASONS[arg]
+    elif kind == Ev.VM_EXIT and arg:
+        obj["exit_reason"] = arg
     return obj
 
 

@@ -141,6 +141,7 @@ def execute(j: Job) -> dict:
         f"{summary['invept_single']}/{summary['invept_global']}, flush IPIs {summary['ipi_flush']}, "
         f"RT IPIs {summary['ipi_rt']}; {out}/summary.json"
     )
+    print(f"[hvbench] {run_name}: {report.rates_line(summary)}")
     return summary
 
 

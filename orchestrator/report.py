@@ -164,12 +164,45 @@ def compare_table(rows: list[dict], markdown: bool = False) -> str:
         ]
         for r in rows
     ]
+    return _table(head, body, 5, markdown)
+
+
+# The trace's own rates per vCPU (hvmodel.metrics.TRACE_RATE_KEYS), and what real KVM hosts show
+# (../shared/reference/cost-anchors.md, "Workload rates seen on real KVM hosts").
+RATE_COLUMNS = (  # key, label, unit, format, real hosts
+    ("exits_per_vcpu_s", "exits", "/s", "{:.0f}", "1.7-3.5k"),
+    ("halts_per_vcpu_s", "halts", "/s", "{:.0f}", "560-670 pinned RT"),
+    ("preemptions_per_vcpu_s", "preempted", "/s", "{:.1f}", "8-20"),
+    ("pcpu_changes_per_vcpu_s", "pCPU changes", "/s", "{:.1f}", "~39 unpinned, 0 pinned"),
+    ("guest_mode_pct", "guest mode", " %", "{:.1f}", "~2 mostly halting"),
+    ("steal_pct", "steal", " %", "{:.1f}", "0.2-6.5, worst VMs 8-33"),
+)
+
+
+def rates_table(rows: list[dict], markdown: bool = False) -> str:
+    """How realistic each run's trace was: its rates per vCPU beside a real host's. Exits
+    include those the strategy's IPIs caused; the rest is the same for every strategy."""
+    rows = sorted(rows, key=lambda r: (r["host"], r["workload"], r["strategy"]))
+    head = ["host", "workload", "strategy", *(label + unit for _, label, unit, _, _ in RATE_COLUMNS)]
+    body = [[r["host"], r["workload"], r["strategy"], *(f.format(r.get(k, float("nan"))) for k, _, _, f, _ in RATE_COLUMNS)] for r in rows]
+    body.append(["real hosts", "", "", *(c[4] for c in RATE_COLUMNS)])
+    return _table(head, body, 3, markdown)
+
+
+def _table(head: list, body: list[list], left: int, markdown: bool) -> str:
+    """Aligned text (the first `left` columns to the left), or a Markdown table (docs)."""
     if markdown:
         line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"
         return "\n".join([line(head), line(["---"] * len(head)), *map(line, body)]) + "\n"
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(str(c).rjust(w) if i > 4 else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    fmt = lambda cells: "  ".join(str(c).rjust(w) if i >= left else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]) + "\n"
+
+
+def rates_line(summary: dict) -> str:
+    """A job's trace rates on one line (printed after its run)."""
+    cells = ", ".join(f"{label} {f.format(summary[k])}{unit}" for k, label, unit, f, _ in RATE_COLUMNS)
+    return f"trace rates per vCPU: {cells} (hvbench-report compares them with real hosts)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"experiment {name}: {len(rows)} finished runs\n")
     print(compare_table(rows, args.markdown))
+    print("How realistic the traces were (per vCPU):\n")
+    print(rates_table(rows, args.markdown))
     for r in sorted(rows, key=lambda r: (r["host"], r["workload"], r["strategy"])):
         if r.get("counterexample_events"):
             where = f"runs:/{r['run_id']}/run/{COUNTEREXAMPLE}"

@@ -153,8 +153,9 @@ class ShardRunner:
         self.engine.remote_on_each_cpu(group[0][1], [(src, hpa) for _, _, src, hpa in group])
 
     def result(self) -> dict:
-        out = self.engine.result()
-        out["duration_ns"] = self.trace.duration_ns if self.trace.duration_ns is not None else self.engine.sim_ns
+        end = self.trace.duration_ns if self.trace.duration_ns is not None else self.engine.sim_ns
+        out = self.engine.result(end)
+        out["duration_ns"] = end
         out.update(replay_s=self.replay_s, gen_s=self.gen_s, node_id=_ray_node_id(), engine=self.engine.engine)
         out["mask_series"] = self.mask_series
         return out

@@ -140,7 +140,9 @@ def test_sweep_logged_to_mlflow_server_and_report(tmp_path, mlflow_server):
     report = [REPORT, "server-sweep", "--tracking-uri", mlflow_server, "--plot", str(tmp_path / "cmp.png")]
     out = subprocess.run(report, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    rows = {line.split()[2]: line.split() for line in out.stdout.splitlines() if line.startswith("x16")}
+    verdicts, rates = out.stdout.split("How realistic the traces were")
+    rows = {line.split()[2]: line.split() for line in verdicts.splitlines() if line.startswith("x16")}
+    assert {line.split()[2] for line in rates.splitlines() if line.startswith("x16")} == rows.keys()
     assert rows.keys() == {"upstream", "per_root_cpumask", "active_roots"}
     for r in runs:
         verdict = rows[r.data.tags["strategy"]][3]
@@ -172,3 +174,15 @@ def test_report_markdown_table_sorts_safe_first_and_keeps_every_column():
     assert lines[0].startswith("| host | workload | strategy | verdict | counter-ex. events | stale uses |")
     assert lines[1] == "|" + " --- |" * (5 + len(COMPARE_COLUMNS))
     assert [line.split(" | ")[2:5] for line in lines[2:]] == [["upstream", "safe", "-"], ["per_root_cpumask", "UNSAFE", "14"]]
+
+
+def test_report_rates_table_puts_real_hosts_beside_the_trace():
+    from orchestrator.report import rates_line, rates_table
+
+    row = {"host": "x16", "workload": "overcommit", "strategy": "upstream", "exits_per_vcpu_s": 2500.4, "halts_per_vcpu_s": 600.0}
+    row |= {"preemptions_per_vcpu_s": 12.0, "pcpu_changes_per_vcpu_s": 39.04, "guest_mode_pct": 2.04, "steal_pct": 3.0}
+    lines = rates_table([row], markdown=True).splitlines()
+    assert lines[0] == "| host | workload | strategy | exits/s | halts/s | preempted/s | pCPU changes/s | guest mode % | steal % |"
+    assert lines[2] == "| x16 | overcommit | upstream | 2500 | 600 | 12.0 | 39.0 | 2.0 | 3.0 |"
+    assert lines[3].startswith("| real hosts |  |  | 1.7-3.5k | 560-670 pinned RT |")
+    assert "guest mode 2.0 %, steal 3.0 %" in rates_line(row)

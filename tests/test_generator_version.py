@@ -3,7 +3,8 @@
 A change that alters a digest must bump GENERATOR_VERSION (hvmodel/workloads/base.py) and update
 the digests here: saved traces and recorded results name the generator version that made them.
 Version 2 made partitioned_pinned (and rt_mixed's RT side) one stream per NUMA node; the
-overcommit digests are unchanged from version 1.
+overcommit digests were unchanged from version 1. Version 3 calibrated the defaults to real hosts
+(halts, wake affinity, guest TLB flush requests) and writes why a vCPU was put (halt, preempted).
 """
 
 import hashlib
@@ -26,20 +27,20 @@ WORKLOADS = {
     "overcommit": lambda: Overcommit(duration_s=0.3, cpuset="all", vms=6, nested_fraction=0.5, lifecycle=CHURN),
     "rt_mixed": lambda: RtMixed(duration_s=0.3, rt={"fill": 0.5, "lifecycle": CHURN}, best_effort={"vms": 4, "lifecycle": CHURN}),
 }
-DIGESTS_VERSION = 2
+DIGESTS_VERSION = 3
 DIGESTS = {
-    ("partitioned_pinned", "x16", 0): "8ea85274bf287b0de8bd679431b896740e713517be2103cd2d95ec8e9b134681",
-    ("partitioned_pinned", "x16", 1): "4bb054e2f5f31d36cdcd5796ab0b3f005c17b53a7c1a77f5ad40c539813f11ec",
-    ("partitioned_pinned", "t32", 0): "46b64cb67cf80ebaf45461551a49b440eb6cc0d39d9e28c4b5b043ac5b4e139d",
-    ("partitioned_pinned", "t32", 1): "e8da03ba8da1c2b964ba428a416d8a64d8b7af724cd054c7f9ad7dc006641ef3",
-    ("overcommit", "x16", 0): "d9a4134779365dfd52bb9ad933984e341ff2e6e7ee85011a5dc6efa6ae135154",
-    ("overcommit", "x16", 1): "03cea4ecedb97a5cd3c6105fe8f9f36260f3b17efe0344334556418742653295",
-    ("overcommit", "t32", 0): "ac6385b42d999d21dddb6a254f0241c6db2247e1490e621ed9a96da9b261b249",
-    ("overcommit", "t32", 1): "b0fd61fd91b2fbf3ba754c23dae2c28e5ed37e7c617a138eaa526a517e6d0b39",
-    ("rt_mixed", "x16", 0): "b7c9fac123802ed464fad40a557d3a01767c61f817922a35bf179c834cbe644d",
-    ("rt_mixed", "x16", 1): "9eaa706f63899368c39c7339ea13a22acbf78cc3a3bcbf2aecedf36ca5bb8965",
-    ("rt_mixed", "t32", 0): "04bbed80dfa329252e2245c8af3a853ff2871662942d052b5f419bc8f093c6b1",
-    ("rt_mixed", "t32", 1): "32b00fae3ba50670917034499af4eb0b54148e95ef89ad011d58ef3180573ac3",
+    ("partitioned_pinned", "x16", 0): "e68dbbc28286ff80430ce5467d6baf8c48a00d41604a5ad65adb607a60d33b94",
+    ("partitioned_pinned", "x16", 1): "aae60bcfcc74fa787c64a8113581b43edf5a250c597195484a0ffb77e6dc2970",
+    ("partitioned_pinned", "t32", 0): "247c6414edd7e387aaa885fad8240f8f1dddcedc482a3a719f5f074cfa28f94e",
+    ("partitioned_pinned", "t32", 1): "c3e50eef71fcaf2fee1083a5f2f902d3e39fa1d4acedaa058f01aa3950a16ffd",
+    ("overcommit", "x16", 0): "b2a55d7b13ea484193258f1077b9b389ddd9ad536dc89e8b768bc593276966da",
+    ("overcommit", "x16", 1): "0b0bd405ce16803b46ba7f59f6e0edea5203cdc6fde81de09d5677cb2c3ce573",
+    ("overcommit", "t32", 0): "ec4840de8203e26d7324f407b67cfc1a8bb8f5d81f0083443967b0f06eb394a2",
+    ("overcommit", "t32", 1): "a0b642cf00d65fe8dce81e34090dca49e43a971d5a1e307d82082e4b2e58b3fb",
+    ("rt_mixed", "x16", 0): "1a1cdad576f56afd5f63341d4e369958e4238429861272c184fb5e376841411f",
+    ("rt_mixed", "x16", 1): "3f1a26c815e9b123b86315fbd49f75b34cd5ebee11a2689477630b0b3ccefa08",
+    ("rt_mixed", "t32", 0): "79db41986f3b40aaa67ed8285b1d6f24da80257c57006edf77dc3e868fa7d05d",
+    ("rt_mixed", "t32", 1): "ccbaa9b7fb0d89f14e17cdcf4f4012f7fe919601c783aa5ebe669cc91410e111",
 }
 
 

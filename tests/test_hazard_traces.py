@@ -27,6 +27,7 @@ clean of: their stale uses are A's. The derivations below are for B~ and C~.
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hvmodel.engine import simulate
@@ -418,3 +419,26 @@ def test_mask_memory(strategy):
     roots or two VMs alive at once."""
     s = run("h1_page_reuse.jsonl", strategy, host(4))
     assert s["cpumask_bytes_peak"] == {"D": 0, "E": 8, "E'": 8, "F": 16, "C": 8}[strategy]
+
+
+@pytest.mark.parametrize("strategy", ["A", "E", "F"])
+def test_trace_rates(strategy):
+    """tests/traces/trace_rates.jsonl (derivation in the file): one vCPU for 3 us, so each
+    count is per 3e-6 vCPU-seconds. No strategy changes them."""
+    s = run("trace_rates.jsonl", strategy, host(4))
+    per_s = 1 / 3e-6
+    assert s["vcpu_seconds"] == pytest.approx(3e-6)
+    assert s["exits_per_vcpu_s"] == pytest.approx(4 * per_s)
+    assert (s["halts_per_vcpu_s"], s["preemptions_per_vcpu_s"], s["pcpu_changes_per_vcpu_s"]) == pytest.approx((per_s,) * 3)
+    assert s["guest_mode_pct"] == pytest.approx(100 * 1400 / 3000)
+    assert s["steal_pct"] == pytest.approx(100 * 1000 / 3000)
+
+
+def test_trace_rates_close_at_the_trace_end():
+    """Cut before the last event, the vCPU is still in guest mode at the end (2500 ns): its
+    open interval and lifetime run to the trace's duration, here 2600 ns."""
+    full = load_text(TRACES / "trace_rates.jsonl")
+    events = np.concatenate(list(full))[:-1]
+    _, s = simulate(Trace.from_array(events, duration_ns=2600), host(4), Upstream())
+    assert s["vcpu_seconds"] == pytest.approx(2.6e-6)
+    assert s["guest_mode_pct"] == pytest.approx(100 * (200 + 200 + 500 + 100) / 2600)

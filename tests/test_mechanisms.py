@@ -23,7 +23,7 @@ from hvmodel.engine import TIMING_KEYS, Engine, simulate
 from hvmodel.errors import ConfigError
 from hvmodel.host import Topology
 from hvmodel.kvm_host import INVALID_ROOT, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KvmMmuPageRole
-from hvmodel.metrics import Metrics, NoiseBudget
+from hvmodel.metrics import TRACE_RATE_KEYS, Metrics, NoiseBudget
 from hvmodel.strategies.base import cpumask_bytes, kmalloc_size
 from hvmodel.strategies.hyperv_flush_hypercall import HypervFlushHypercall
 from hvmodel.strategies.per_root_cpumask import PerRootCpumask
@@ -776,7 +776,7 @@ def test_binary_and_text_round_trips(tmp_path):
     back = load(text)
     assert np.array_equal(back.to_array(), ref)
     assert back.duration_ns == int(ref["time_ns"][-1])
-    rates = {k for k in expected if k.endswith("_per_s")} | {"sim_seconds"}
+    rates = {k for k in expected if k.endswith("_per_s")} | {"sim_seconds", *TRACE_RATE_KEYS}  # they need the duration
     assert {k: v for k, v in _summary(back, topo).items() if k not in rates} == {k: v for k, v in expected.items() if k not in rates}
 
 

@@ -155,9 +155,10 @@ class FastEngine:
         vm, idx, cpu = self.state.vcpu(v)
         return f"<vcpu {vm}/{idx} cpu={cpu}>"
 
-    def result(self) -> dict:
-        """hvmodel.metrics.Metrics.result(), from the compiled state; call once, at the end."""
-        cnt, flt, vmc, stale_kind, stale_any, ex = self.state.result()
+    def result(self, end_ns: int | None = None) -> dict:
+        """hvmodel.metrics.Metrics.result(), from the compiled state; call once, at the end
+        (`end_ns` as in Engine.result)."""
+        cnt, flt, vmc, stale_kind, stale_any, ex = self.state.result(self.sim_ns if end_ns is None else end_ns)
         vm = dict(zip(REPLICATED, vmc, strict=True))
         vm["events"] = self.events
         examples = []
@@ -176,4 +177,4 @@ class FastEngine:
     def run(self, trace: Trace) -> dict:
         for chunk in trace:
             self.replay(chunk, trace)
-        return self.result()
+        return self.result(trace.duration_ns)

@@ -42,13 +42,18 @@ from hvmodel.host import Topology
 from hvmodel.trace import EVENT_DTYPE, Ev, Trace, pack_vm_create
 
 # Bump when a change alters any generated trace (same workload, host and seed, different bytes);
-# recorded in Trace.meta. tests/test_generator_version.py pins the digests of version 2.
-GENERATOR_VERSION = 2
+# recorded in Trace.meta. tests/test_generator_version.py pins the digests of version 3.
+GENERATOR_VERSION = 3
 
 NS = 1_000_000_000
 US = 1_000
 MS = 1_000_000
 VM_ID_LIMIT = 1 << 31  # the trace's `vm` field is int32
+
+
+def check_share(key: str, v: float) -> None:
+    if not 0 <= v <= 1:
+        raise ConfigError(f"workload.{key}", f"must be in [0, 1], got {v}")
 
 
 def positive(key: str, value: float, allow_zero: bool = True) -> None:
@@ -256,7 +261,8 @@ class VmFleet:
     def place_vcpu(self, t: int, vm: Vm, i: int) -> None:
         raise NotImplementedError
 
-    def stop_vcpu(self, t: int, vm: Vm, i: int) -> None:
+    def stop_vcpu(self, t: int, vm: Vm, i: int, reason: int = 0) -> None:
+        """vcpu_put, with why (trace.PUT_REASONS: 0 for a teardown)."""
         raise NotImplementedError
 
     def vcpus_running(self, t: int, vm: Vm) -> None:
@@ -515,7 +521,7 @@ def place_vcpu(st, rng, t, p, i):
     raise NotImplementedError
 
 
-def stop_vcpu(st, rng, t, p, i):
+def stop_vcpu(st, rng, t, p, i, reason):
     """VmFleet.stop_vcpu."""
     raise NotImplementedError
 
@@ -631,11 +637,11 @@ def end_of_life(st, rng, t: int, p: int, vm: int) -> None:
     v = st.vms[p]
     if rng.random() < st.lc.reboot_fraction:
         for i in range(1, v.vcpus):
-            stop_vcpu(st, rng, t, p, i)
+            stop_vcpu(st, rng, t, p, i, 0)
         start_life(st, rng, t, p)
         return
     for i in range(v.vcpus):
-        stop_vcpu(st, rng, t, p, i)
+        stop_vcpu(st, rng, t, p, i, 0)
     v.alive = False
     emit(st, t, Ev.VM_DESTROY, vm, -1, v.hk)
     replace(st, rng, t + st.lc.respawn_ns, p)

@@ -14,7 +14,7 @@ import numpy as np
 
 from hvmodel.errors import ConfigError
 from hvmodel.host import Topology
-from hvmodel.trace import Ev, pack_nested_vmenter
+from hvmodel.trace import PUT_HALT, PUT_PREEMPTED, Ev, pack_nested_vmenter
 from hvmodel.workloads import base
 from hvmodel.workloads.base import (
     FIRST_WORKLOAD_OP,
@@ -33,6 +33,7 @@ from hvmodel.workloads.base import (
     Workload,
     at,
     borrow,
+    check_share,
     current,
     emit,
     exp_ns,
@@ -70,11 +71,12 @@ class Overcommit(Workload):
         self,
         duration_s: float = 2.0,
         cpuset: str = "isolated",
-        vms: int = 8,
+        vms: int = 5,
         vm_vcpus: tuple[int, ...] = (2, 4),
         run_ms: float = 4.0,
         sleep_ms: float = 2.0,
-        wake_affinity: float = 0.5,
+        wake_affinity: float = 0.9,
+        guest_flush_per_stint: float = 0.2,
         nested_fraction: float = 0.0,
         nested: dict | None = None,
         lifecycle: dict | None = None,
@@ -91,12 +93,15 @@ class Overcommit(Workload):
             raise ConfigError("workload.vm_vcpus", f"each VM size must be >= 1, got {list(vm_vcpus)}")
         positive("run_ms", run_ms, allow_zero=False)
         positive("sleep_ms", sleep_ms, allow_zero=False)
-        for key, v in (("wake_affinity", wake_affinity), ("nested_fraction", nested_fraction)):
-            if not 0 <= v <= 1:
-                raise ConfigError(f"workload.{key}", f"must be in [0, 1], got {v}")
+        for key, v in (
+            ("wake_affinity", wake_affinity),
+            ("guest_flush_per_stint", guest_flush_per_stint),
+            ("nested_fraction", nested_fraction),
+        ):
+            check_share(key, v)
         self.cpuset, self.vms, self.vm_vcpus = cpuset, vms, tuple(vm_vcpus)
         self.run_ms, self.sleep_ms, self.wake_affinity = run_ms, sleep_ms, wake_affinity
-        self.nested_fraction = nested_fraction
+        self.nested_fraction, self.guest_flush_per_stint = nested_fraction, guest_flush_per_stint
         self.nested = NestedGuests(**(nested or {}))
 
     def check(self, topo: Topology) -> None:
@@ -188,13 +193,16 @@ class SharedCpuset(VmFleet):
         if self.l1.pop((vm.id, i), None):
             self.sim.emit(t, Ev.NESTED_VMEXIT, vm.id, i)
 
-    def stop_vcpu(self, t: int, vm: Vm, i: int) -> None:
+    def stop_vcpu(self, t: int, vm: Vm, i: int, reason: int = 0) -> None:
         if (vm, i) in self.queue:
             self.queue.remove((vm, i))
         if vm.running[i]:
+            if reason and self.rng.random() < self.workload.guest_flush_per_stint:
+                self.sim.emit(t, Ev.GUEST_TLB_FLUSH, vm.id, i)  # asked for in this run stint
+                self.sim.emit(t, Ev.VM_ENTRY, vm.id, i)
             self.leave_l2(t, vm, i)
             vm.running[i] = False
-            self.sim.emit(t, Ev.VCPU_PUT, vm.id, i)
+            self.sim.emit(t, Ev.VCPU_PUT, vm.id, i, arg=reason)
             self.release(t, vm.cpus[i])
 
     def vcpus_running(self, t: int, vm: Vm) -> None:
@@ -209,8 +217,9 @@ class SharedCpuset(VmFleet):
         if not vm.current(gen) or not vm.running[i] or vm.cpus[i] != cpu:
             return
         if self.rng.random() < 0.5 or self.queue:
-            self.stop_vcpu(t, vm, i)
-            if self.queue and self.rng.random() < 0.5:  # preempted: runnable again at once
+            preempted = bool(self.queue) and self.rng.random() < 0.5  # runnable again at once
+            self.stop_vcpu(t, vm, i, PUT_PREEMPTED if preempted else PUT_HALT)
+            if preempted:
                 self.place_vcpu(t, vm, i)
             else:
                 self.sim.at(t + self.slice_ns(self.workload.sleep_ms), self.wake, vm, i, gen)
@@ -265,6 +274,7 @@ class SharedCpuset(VmFleet):
             run_ms=float(w.run_ms),
             sleep_ms=float(w.sleep_ms),
             wake_affinity=float(w.wake_affinity),
+            guest_flush_per_stint=float(w.guest_flush_per_stint),
             nested_fraction=float(w.nested_fraction),
             l2_per_vm=ng.l2_per_vm,
             transitions_per_s=float(ng.transitions_per_s),
@@ -339,6 +349,7 @@ SchedState = NamedTuple(
         ("run_ms", float),
         ("sleep_ms", float),
         ("wake_affinity", float),
+        ("guest_flush_per_stint", float),
         ("nested_fraction", float),
         ("l2_per_vm", int),
         ("transitions_per_s", float),
@@ -483,14 +494,17 @@ def _leave_l2(st, rng, t, p, i):
 
 
 @implements(base.stop_vcpu, SchedState)
-def _stop_vcpu(st, rng, t, p, i):
+def _stop_vcpu(st, rng, t, p, i, reason):
     v = st.vcpus[p, i]
     if v.queued:
         _runq_remove(st, p, i)
     if v.running:
+        if reason != 0 and rng.random() < st.guest_flush_per_stint:
+            emit(st, t, Ev.GUEST_TLB_FLUSH, st.vms[p].id, i)
+            emit(st, t, Ev.VM_ENTRY, st.vms[p].id, i)
         base.leave_l2(st, rng, t, p, i)
         v.running = False
-        emit(st, t, Ev.VCPU_PUT, st.vms[p].id, i)
+        emit(st, t, Ev.VCPU_PUT, st.vms[p].id, i, -1, reason)
         _release(st, rng, t, v.cpu)
 
 
@@ -529,8 +543,9 @@ def _slice_end(st, rng, t: int, p: int, i: int, cpu: int, life: int) -> None:
     if not current(st, p, life) or not v.running or v.cpu != cpu:
         return
     if rng.random() < 0.5 or st.n[RUNQ_LEN] > 0:
-        base.stop_vcpu(st, rng, t, p, i)
-        if st.n[RUNQ_LEN] > 0 and rng.random() < 0.5:  # preempted: runnable again at once
+        preempted = st.n[RUNQ_LEN] > 0 and rng.random() < 0.5
+        base.stop_vcpu(st, rng, t, p, i, PUT_PREEMPTED if preempted else PUT_HALT)
+        if preempted:
             base.place_vcpu(st, rng, t, p, i)
         else:
             at(st, t + _slice_ns(rng, st.sleep_ms), WAKE, p, i, life)

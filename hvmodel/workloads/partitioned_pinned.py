@@ -14,7 +14,7 @@ import numpy as np
 
 from hvmodel.errors import ConfigError
 from hvmodel.host import Topology
-from hvmodel.trace import Ev
+from hvmodel.trace import PUT_HALT, Ev
 from hvmodel.workloads import base
 from hvmodel.workloads.base import (
     FIRST_WORKLOAD_OP,
@@ -33,6 +33,7 @@ from hvmodel.workloads.base import (
     VmLifecycle,
     Workload,
     at,
+    check_share,
     current,
     emit,
     exp_ns,
@@ -56,8 +57,9 @@ class PartitionedPinned(Workload):
         duration_s: float = 2.0,
         vm_vcpus: tuple[int, ...] = (1, 2, 4),
         fill: float = 1.0,
-        halt_per_s: float = 50.0,
-        halt_us: float = 500.0,
+        halt_per_s: float = 30000.0,
+        halt_us: float = 1500.0,
+        guest_flush_per_stint: float = 0.033,
         lifecycle: dict | None = None,
         chunk_events: int = 1 << 16,
     ):
@@ -70,7 +72,9 @@ class PartitionedPinned(Workload):
             raise ConfigError("workload.fill", f"must be in (0, 1], got {fill}")
         positive("halt_per_s", halt_per_s)
         positive("halt_us", halt_us)
+        check_share("guest_flush_per_stint", guest_flush_per_stint)
         self.vm_vcpus, self.fill, self.halt_per_s, self.halt_us = tuple(vm_vcpus), fill, halt_per_s, halt_us
+        self.guest_flush_per_stint = guest_flush_per_stint
 
     def check(self, topo: Topology) -> None:
         per_node = max(len(c) for c in HostCpus(topo).isolated)
@@ -135,10 +139,13 @@ class PinnedNode(VmFleet):
             self.sim.emit(t, Ev.VCPU_LOAD, vm.id, i, vm.cpus[i])
             self.sim.emit(t, Ev.VM_ENTRY, vm.id, i)
 
-    def stop_vcpu(self, t: int, vm: Vm, i: int) -> None:
+    def stop_vcpu(self, t: int, vm: Vm, i: int, reason: int = 0) -> None:
         if vm.running[i]:
+            if reason and self.rng.random() < self.workload.guest_flush_per_stint:
+                self.sim.emit(t, Ev.GUEST_TLB_FLUSH, vm.id, i)  # asked for in this run stint
+                self.sim.emit(t, Ev.VM_ENTRY, vm.id, i)
             vm.running[i] = False
-            self.sim.emit(t, Ev.VCPU_PUT, vm.id, i)
+            self.sim.emit(t, Ev.VCPU_PUT, vm.id, i, arg=reason)
 
     def vcpus_running(self, t: int, vm: Vm) -> None:
         halt_per_s = self.workload.halt_per_s
@@ -149,7 +156,7 @@ class PinnedNode(VmFleet):
     def halt(self, t: int, vm: Vm, i: int, gen: int) -> None:
         """HLT: the vCPU thread blocks (vcpu_put) and wakes later on its own pCPU."""
         if vm.current(gen) and vm.running[i]:
-            self.stop_vcpu(t, vm, i)
+            self.stop_vcpu(t, vm, i, PUT_HALT)
             self.sim.at(t + max(1, int(self.rng.exponential(self.workload.halt_us) * US)), self.wake, vm, i, gen)
 
     def wake(self, t: int, vm: Vm, i: int, gen: int) -> None:
@@ -171,14 +178,22 @@ class PinnedNode(VmFleet):
             vms["vcpus"][p] = len(cpus)
             vcpus["cpu"][p, : len(cpus)] = cpus
         w = self.workload
-        state = PinnedState(**fields, boot_s=float(self.lifecycle.boot_s), halt_per_s=float(w.halt_per_s), halt_us=float(w.halt_us))
+        state = PinnedState(
+            **fields,
+            boot_s=float(self.lifecycle.boot_s),
+            halt_per_s=float(w.halt_per_s),
+            halt_us=float(w.halt_us),
+            guest_flush_per_stint=float(w.guest_flush_per_stint),
+        )
         return CompiledStream(state, self.rng, _start, max_vcpus, self.lifecycle)
 
 
 # --- the compiled twin of PinnedNode -----------------------------------------------------------
 BOOT, HALT, WAKE = range(FIRST_WORKLOAD_OP, FIRST_WORKLOAD_OP + 3)
 PINNED_VCPU = np.dtype(VCPU_FIELDS, align=True)
-PinnedState = NamedTuple("PinnedState", [*STREAM_FIELDS, ("boot_s", float), ("halt_per_s", float), ("halt_us", float)])
+PinnedState = NamedTuple(
+    "PinnedState", [*STREAM_FIELDS, ("boot_s", float), ("halt_per_s", float), ("halt_us", float), ("guest_flush_per_stint", float)]
+)
 
 
 @numba.njit(**JIT)
@@ -190,7 +205,7 @@ def _start(st: PinnedState, rng) -> None:
 
 @implements(base.borrowed, PinnedState)
 def _borrowed(st):
-    return PinnedState(*base.borrowed_stream(st), st.boot_s, st.halt_per_s, st.halt_us)
+    return PinnedState(*base.borrowed_stream(st), st.boot_s, st.halt_per_s, st.halt_us, st.guest_flush_per_stint)
 
 
 @implements(base.place_vcpu, PinnedState)
@@ -203,11 +218,14 @@ def _place_vcpu(st, rng, t, p, i):
 
 
 @implements(base.stop_vcpu, PinnedState)
-def _stop_vcpu(st, rng, t, p, i):
+def _stop_vcpu(st, rng, t, p, i, reason):
     c = st.vcpus[p, i]
     if c.running:
+        if reason != 0 and rng.random() < st.guest_flush_per_stint:
+            emit(st, t, Ev.GUEST_TLB_FLUSH, st.vms[p].id, i)
+            emit(st, t, Ev.VM_ENTRY, st.vms[p].id, i)
         c.running = False
-        emit(st, t, Ev.VCPU_PUT, st.vms[p].id, i)
+        emit(st, t, Ev.VCPU_PUT, st.vms[p].id, i, -1, reason)
 
 
 @implements(base.vcpus_running, PinnedState)
@@ -231,7 +249,7 @@ def _replace(st, rng, t, p):
 def _halt(st, rng, t: int, p: int, i: int, life: int) -> None:
     """PinnedNode.halt."""
     if current(st, p, life) and st.vcpus[p, i].running:
-        base.stop_vcpu(st, rng, t, p, i)
+        base.stop_vcpu(st, rng, t, p, i, PUT_HALT)
         at(st, t + max(1, ns(rng.exponential(st.halt_us) * US)), WAKE, p, i, life)
 
 

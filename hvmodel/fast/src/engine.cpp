@@ -77,9 +77,11 @@ class Engine {
     // it, the change): what the whole host's cpumask_bytes_peak is made of.
     py::tuple take_mask_series() { return take(s.mask_event, s.mask_excursion, s.mask_change); }
 
-    // Metrics.result(), as arrays: close the open noise windows first (call once, at the end).
-    py::tuple result() {
+    // Metrics.result(), as arrays: close the open noise windows, and the guest-mode, steal and
+    // lifetime intervals still open at end_ns (Host.close_accounting), first. Call once, at the end.
+    py::tuple result(i64 end_ns) {
         close_all_windows(s);
+        close_accounting(s, end_ns);
         s.vmc[EVENTS] = s.events;
         auto matrix = [](const auto& v, i64 rows, i64 cols) {
             using T = typename std::decay_t<decltype(v)>::value_type;
@@ -157,10 +159,11 @@ PYBIND11_MODULE(_engine, m) {
                                             EVENT_LAYOUT[4], EVENT_LAYOUT[5], EVENT_LAYOUT[6]);
     m.attr("PER_CPU_COUNTERS") = py::make_tuple("ipi_flush", "ipi_vmclear", "vmexits_from_ipi", "invept_single", "invept_global",
                                                 "invvpid", "migrations", "vmcs_first_loads", "pcpu_changes", "stale_tlb_uses",
-                                                "noise_events", "rt_budget_violations");
+                                                "noise_events", "rt_budget_violations", "vm_exits", "halts", "preemptions",
+                                                "guest_ns", "steal_ns");
     m.attr("PER_CPU_FLOATS") = py::make_tuple("flush_overhead_us", "noise_us", "noise_max_single_us", "noise_max_window_us");
     m.attr("REPLICATED") = py::make_tuple("events", "root_allocs", "root_frees", "remote_flushes", "hv_flush_hypercalls",
-                                          "vpid_exhausted", "cpumask_bytes_peak");
+                                          "vpid_exhausted", "cpumask_bytes_peak", "vcpu_ns");
     m.attr("HAZARDS") = py::make_tuple("h1", "h4", "h3", "h5", "h2");
     m.attr("COST_FIELDS") = py::make_tuple("ipi_send_us", "ipi_receive_us", "vmexit_us", "invept_single_us", "invept_global_us",
                                            "invvpid_us", "vmcs_migrate_us", "refill_us", "hv_flush_hypercall_us");

@@ -106,11 +106,14 @@ inline void tlb_enter(State& s, i64 cpu, i64 v, i64 r) {
 inline void enter_guest(State& s, i64 v) {
     s.v_mode[v] = IN_GUEST_MODE;
     s.in_guest[s.v_cpu[v]] = v;
+    s.guest_since[s.v_cpu[v]] = s.now;
 }
 
 inline void leave_guest(State& s, i64 v) {
+    i64 cpu = s.v_cpu[v];
     s.v_mode[v] = OUTSIDE_GUEST_MODE;
-    s.in_guest[s.v_cpu[v]] = NONE;
+    s.in_guest[cpu] = NONE;
+    if (s.owned[cpu]) s.c(VM_EXITS, cpu)++, s.c(GUEST_NS, cpu) += s.now - s.guest_since[cpu];
 }
 
 // --- IPIs -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ inline i64 new_vm_slot(State& s) {
     size_t vm = s.vm_ext.size(), n = vm + 1;
     for (auto* a : {&s.vm_ext, &s.vm_nvcpus, &s.vm_vcpu0, &s.vm_level, &s.vm_node, &s.vm_vgen, &s.vm_hv_root,
                     &s.vm_next_rid, &s.vm_rhead, &s.vm_rtail, &s.vm_thead, &s.vm_ttail, &s.vm_hhead, &s.vm_htail,
-                    &s.vm_row})
+                    &s.vm_row, &s.vm_created})
         a->resize(n, NONE);
     return i64(vm);
 }
@@ -41,7 +41,7 @@ inline i64 new_vcpu_block(State& s, i64 n) {
     s.v_used += n;
     size_t u = size_t(s.v_used);
     for (auto* a : {&s.v_mcache, &s.v_vm, &s.v_idx, &s.v_cpu, &s.v_mode, &s.v_req, &s.v_lvmcs, &s.v_vpid, &s.v_vpid02, &s.v_vpid12,
-                    &s.v_eptp12, &s.v_hv_root, &s.v_mmu, &s.v_next_free})
+                    &s.v_eptp12, &s.v_hv_root, &s.v_mmu, &s.v_next_free, &s.v_preempted})
         grow(*a, u);
     for (auto* a : {&s.v_loaded, &s.v_gmode, &s.v_smm, &s.v_vmxon, &s.v_backed, &s.v_resched}) grow(*a, u);
     grow(s.v_pcache, u);
@@ -60,7 +60,7 @@ inline void free_vcpu_block(State& s, i64 v0, i64 n) {
 // struct kvm_vcpu as kvm_vm_ioctl_create_vcpu leaves it (KvmVcpu.__init__).
 inline void init_vcpu(State& s, i64 v, i64 vm, i64 idx) {
     s.v_vm[v] = vm, s.v_idx[v] = idx, s.v_cpu[v] = NONE, s.v_loaded[v] = 0, s.v_mode[v] = OUTSIDE_GUEST_MODE;
-    s.v_resched[v] = 0, s.v_mcache[v] = 0;
+    s.v_resched[v] = 0, s.v_mcache[v] = 0, s.v_preempted[v] = NONE;
     s.v_pcache[v].clear();
     s.v_req[v] = 0, s.v_gmode[v] = 0, s.v_smm[v] = 0, s.v_lvmcs[v] = VMCS01;
     s.vmcs(v, VMCS01) = NONE, s.vmcs(v, VMCS02) = NONE;
@@ -80,12 +80,20 @@ inline void kvm_create_vm(State& s, i64 vm_id, i64 nr_vcpus, i64 tdp_level, i64 
     i64 vm = new_vm_slot(s);
     map_put(s, vm_id, vm);
     s.vm_ext[vm] = vm_id, s.vm_nvcpus[vm] = nr_vcpus, s.vm_level[vm] = tdp_level, s.vm_node[vm] = node;
-    s.vm_vgen[vm] = 0, s.vm_hv_root[vm] = NONE, s.vm_next_rid[vm] = 0, s.vm_row[vm] = NONE;
+    s.vm_vgen[vm] = 0, s.vm_hv_root[vm] = NONE, s.vm_next_rid[vm] = 0, s.vm_row[vm] = NONE, s.vm_created[vm] = s.now;
     s.vm_rhead[vm] = s.vm_rtail[vm] = s.vm_thead[vm] = s.vm_ttail[vm] = s.vm_hhead[vm] = s.vm_htail[vm] = NONE;
     i64 v0 = s.vm_vcpu0[vm] = new_vcpu_block(s, nr_vcpus);
     for (i64 i = 0; i < nr_vcpus; i++) init_vcpu(s, v0 + i, vm, i);
     policy::vm_created(s, vm);
     for (i64 v = v0; v < v0 + nr_vcpus; v++) vmx_vcpu_load_vmcs(s, v, s.this_cpu);  // kvm_arch_vcpu_create(): vcpu_load()
+}
+
+// A preempted vCPU runs again (or its VM goes): the wait since its preemption is steal, counted
+// on the pCPU it was preempted on (kvm.end_steal).
+inline void end_steal(State& s, i64 v) {
+    if (s.v_preempted[v] == NONE) return;
+    if (s.owned[s.v_cpu[v]]) s.c(STEAL_NS, s.v_cpu[v]) += s.now - s.v_preempted[v];
+    s.v_preempted[v] = NONE;
 }
 
 // Runs on a VMM thread (this_cpu): every vCPU must be put. nested_vmx_free_vcpu() loads each vCPU
@@ -95,7 +103,9 @@ inline void kvm_destroy_vm(State& s, i64 vm) {
     i64 v0 = s.vm_vcpu0[vm], n = s.vm_nvcpus[vm];
     for (i64 v = v0; v < v0 + n; v++)
         if (s.v_loaded[v]) return fail(s, ERR_DESTROY_LOADED, s.v_idx[v], s.vm_ext[vm]);
+    s.vmc[VCPU_NS] += n * (s.now - s.vm_created[vm]);
     for (i64 v = v0; v < v0 + n; v++) {
+        end_steal(s, v);
         vmx_vcpu_load_vmcs(s, v, s.this_cpu);
         if (s.v_lvmcs[v] == VMCS02) s.v_lvmcs[v] = VMCS01, vmx_vcpu_load_vmcs(s, v, s.this_cpu);
         loaded_vmcs_clear(s, v, VMCS01);
@@ -118,6 +128,7 @@ inline void kvm_arch_vcpu_load(State& s, i64 v, i64 cpu) {
     if (s.v_loaded[v]) return fail(s, ERR_ALREADY_LOADED, v);
     if (s.running[cpu] != NONE) return fail(s, ERR_PCPU_BUSY, cpu, s.running[cpu]);
     if (s.v_cpu[v] != NONE && s.v_cpu[v] != cpu && s.owned[cpu]) s.c(PCPU_CHANGES, cpu)++;
+    end_steal(s, v);
     s.v_cpu[v] = cpu, s.v_loaded[v] = 1;
     s.running[cpu] = v;
     vmx_vcpu_load_vmcs(s, v, cpu);
@@ -128,6 +139,27 @@ inline void kvm_arch_vcpu_put(State& s, i64 v) {
     if (s.v_mode[v] == IN_GUEST_MODE) leave_guest(s, v);
     s.v_loaded[v] = 0, s.v_resched[v] = 0;
     s.running[s.v_cpu[v]] = NONE;
+}
+
+// kvm_sched_out() -> kvm_arch_vcpu_put(); `reason` (PUT_REASONS) only feeds the trace's rates.
+inline void kvm_sched_out(State& s, i64 v, i64 reason) {
+    kvm_arch_vcpu_put(s, v);
+    if (s.err) return;
+    if (reason == PUT_PREEMPTED) s.v_preempted[v] = s.now;
+    if (s.owned[s.v_cpu[v]] && reason) s.c(reason == PUT_PREEMPTED ? PREEMPTIONS : HALTS, s.v_cpu[v])++;
+}
+
+// Host.close_accounting: guest mode, steal and vCPU lifetimes still open run to end_ns.
+inline void close_accounting(State& s, i64 end_ns) {
+    for (i64 cpu = 0; cpu < s.n_cpus; cpu++)
+        if (s.in_guest[cpu] != NONE && s.owned[cpu]) s.c(GUEST_NS, cpu) += end_ns - s.guest_since[cpu];
+    for (size_t i = 0; i < s.map_keys.size(); i++) {
+        if (s.map_keys[i] < 0) continue;
+        i64 vm = s.map_vals[i], v0 = s.vm_vcpu0[vm], n = s.vm_nvcpus[vm];
+        s.vmc[VCPU_NS] += n * (end_ns - s.vm_created[vm]);
+        for (i64 v = v0; v < v0 + n; v++)
+            if (s.v_preempted[v] != NONE && s.owned[s.v_cpu[v]]) s.c(STEAL_NS, s.v_cpu[v]) += end_ns - s.v_preempted[v];
+    }
 }
 
 // Service requests in kernel order, kvm_mmu_reload(), then enter: the oracle checks the pCPU's
@@ -229,7 +261,7 @@ inline void dispatch(State& s, int kind, i64 vm_id, i64 idx, i64 cpu, i64 arg) {
             return kvm_arch_vcpu_load(s, v, cpu);
         case VCPU_PUT:
             if ((v = vcpu_event(s, vm_id, idx, kind)) == NONE) return;
-            return kvm_arch_vcpu_put(s, v);
+            return kvm_sched_out(s, v, arg);
         case VM_ENTRY:
             if ((v = vcpu_event(s, vm_id, idx, kind)) == NONE) return;
             if (!s.v_loaded[v]) return fail(s, ERR_NOT_LOADED, v, kind);

@@ -45,10 +45,11 @@ constexpr i64 VMX_NR_VPIDS = 1 << 16;
 
 // hvmodel.metrics names, in the same order (engine.py checks them against the Python lists)
 enum Counter { IPI_FLUSH, IPI_VMCLEAR, VMEXITS_FROM_IPI, INVEPT_SINGLE, INVEPT_GLOBAL, INVVPID, MIGRATIONS,
-               VMCS_FIRST_LOADS, PCPU_CHANGES, STALE_TLB_USES, NOISE_EVENTS, RT_BUDGET_VIOLATIONS, N_COUNTERS };
+               VMCS_FIRST_LOADS, PCPU_CHANGES, STALE_TLB_USES, NOISE_EVENTS, RT_BUDGET_VIOLATIONS,
+               VM_EXITS, HALTS, PREEMPTIONS, GUEST_NS, STEAL_NS, N_COUNTERS };
 enum Float { FLUSH_OVERHEAD_US, NOISE_US, NOISE_MAX_SINGLE_US, NOISE_MAX_WINDOW_US, N_FLOATS };
 enum Replicated { EVENTS, ROOT_ALLOCS, ROOT_FREES, REMOTE_FLUSHES, HV_FLUSH_HYPERCALLS, VPID_EXHAUSTED,
-                  CPUMASK_BYTES_PEAK, N_REPLICATED };
+                  CPUMASK_BYTES_PEAK, VCPU_NS, N_REPLICATED };
 enum Hazard { H1, H4, H3, H5, H2, N_HAZARDS };
 // hvmodel.cost.CostModel fields, in this order
 enum Cost { C_IPI_SEND, C_IPI_RECEIVE, C_VMEXIT, C_INVEPT_SINGLE, C_INVEPT_GLOBAL, C_INVVPID, C_VMCS_MIGRATE,
@@ -62,6 +63,7 @@ enum Ev { VM_CREATE = 1, VM_DESTROY, VCPU_LOAD, VCPU_PUT, VM_ENTRY, VM_EXIT, ZAP
           SMM_EXIT, NESTED_VMENTER, NESTED_VMEXIT, L1_INVEPT, MMU_RESET_CONTEXT, GUEST_TLB_FLUSH, NEED_RESCHED };
 constexpr i64 NESTED_NO_EPT = i64(1) << 32, NESTED_EPTP_NOT_BACKED = i64(1) << 33;
 constexpr i64 ZAP_FLOOD = i64(1) << 32;  // zap: kvm_mmu_track_write() zaps the shadow root itself
+constexpr i64 PUT_PREEMPTED = 2;         // vcpu_put: arg 1 halt, 2 preempted (hvmodel.trace.PUT_REASONS)
 
 // Errors a trace can cause (engine.py has their messages)
 enum Error { ERR_NONE, ERR_NO_VM, ERR_NO_VCPU, ERR_NOT_LOADED, ERR_NO_PCPU, ERR_HOST_ON_GUEST_CPU, ERR_VM_EXISTS,
@@ -149,6 +151,7 @@ struct State {
 
     // --- pCPUs
     std::vector<i64> running, in_guest;  // vCPU loaded here and not put; vCPU in IN_GUEST_MODE here
+    std::vector<i64> guest_since;        // when the vCPU in guest mode here entered (GUEST_NS)
     std::vector<i64> mark;               // scratch: pCPU marks, compared with mark_now
     i64 mark_now = 0;
     std::vector<i64> scratch;            // scratch: a sorted pCPU list
@@ -180,6 +183,7 @@ struct State {
     // --- VMs (struct kvm); slots reused through vm_free; map: id -> slot
     std::vector<i64> vm_ext, vm_nvcpus, vm_vcpu0, vm_level, vm_node, vm_vgen, vm_hv_root, vm_next_rid;
     std::vector<i64> vm_rhead, vm_rtail, vm_thead, vm_ttail, vm_hhead, vm_htail, vm_row;
+    std::vector<i64> vm_created;  // creation time (VCPU_NS)
     std::vector<i64> vm_free;
     std::vector<i64> map_keys, map_vals;  // open addressing, linear probing
     i64 map_fill = 0;                     // keys in use, deleted ones included
@@ -188,6 +192,7 @@ struct State {
     std::vector<i64> v_vm, v_idx, v_cpu, v_mode, v_req, v_lvmcs, v_vpid, v_vpid02, v_vpid12, v_eptp12, v_hv_root, v_mmu;
     std::vector<char> v_loaded, v_gmode, v_smm, v_vmxon, v_backed;  // ..., is_guest_mode(), ..., nested_eptp12_backed
     std::vector<char> v_resched;  // TIF_NEED_RESCHED on the vCPU thread (kvm.need_resched)
+    std::vector<i64> v_preempted;  // vcpu->preempted: put while runnable at this time, else NONE (STEAL_NS)
     std::vector<i64> v_vmcs;   // [v][2]: loaded_vmcs->cpu of vmcs01, vmcs02
     std::vector<i64> m_role;   // [v][2]: root_role of root_mmu, guest_mmu
     std::vector<char> m_fast;  // [v][2]: root_via_fast_switch
@@ -234,7 +239,7 @@ struct State {
           elide_migration_flush(c.elide_migration_flush), first_visit_global(c.first_visit_global),
           mask_reset_on_reference(c.mask_reset_on_reference), mask_cache(c.mask_cache), prev_roots(c.prev_roots),
           page_cached(c.page_cached), rcu_grace_ns(c.rcu_grace_ns), mask_bytes(c.mask_bytes), table_bytes(c.table_bytes),
-          running(n_cpus, NONE), in_guest(n_cpus, NONE), mark(n_cpus, 0), scratch(n_cpus + 64),
+          running(n_cpus, NONE), in_guest(n_cpus, NONE), guest_since(n_cpus, 0), mark(n_cpus, 0), scratch(n_cpus + 64),
           tlb_n(n_cpus, 0), pool(n_nodes), next_pfn(n_nodes, 1), map_keys(64, -1), map_vals(64, 0),
           vblock_free(KVM_MAX_VCPUS + 1, NONE), cnt(N_COUNTERS * n_cpus, 0), flt(N_FLOATS * n_cpus, 0.0),
           win(n_cpus, -1), win_noise(n_cpus, 0.0), irq_open(n_cpus, 0), irq_us(n_cpus, 0.0), irq_list(n_cpus),
