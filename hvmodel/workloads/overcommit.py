@@ -14,7 +14,7 @@ import numpy as np
 
 from hvmodel.errors import ConfigError
 from hvmodel.host import Topology
-from hvmodel.trace import PUT_HALT, PUT_PREEMPTED, Ev, pack_nested_vmenter
+from hvmodel.trace import PUT_HALT, PUT_PREEMPTED, ZAP_FLOOD, Ev, pack_nested_vmenter
 from hvmodel.workloads import base
 from hvmodel.workloads.base import (
     FIRST_WORKLOAD_OP,
@@ -24,6 +24,7 @@ from hvmodel.workloads.base import (
     N_COUNTERS,
     NS,
     STREAM_FIELDS,
+    US,
     VCPU_FIELDS,
     CompiledStream,
     HostCpus,
@@ -53,11 +54,13 @@ class NestedGuests:
     nested_ept: bool = True  # L1 uses EPT for L2 (shadow-EPT roots in guest_mmu), else TDP roots
     invept_prob: float = 0.05  # chance an L2 entry follows an L1 INVEPT of that EPTP12
     ept12_write_prob: float = 0.05  # chance L1 edited that L2's EPT12 (kvm_mmu_track_write zap)
+    ept12_flood_prob: float = 0.1  # share of those writes that flood or are misaligned: the shadow root itself is zapped
 
     def __post_init__(self) -> None:
         if self.l2_per_vm < 1:
             raise ConfigError("workload.nested.l2_per_vm", f"must be >= 1, got {self.l2_per_vm}")
         positive("nested.transitions_per_s", self.transitions_per_s, allow_zero=False)
+        check_share("nested.ept12_flood_prob", self.ept12_flood_prob)
 
 
 class Overcommit(Workload):
@@ -77,6 +80,7 @@ class Overcommit(Workload):
         sleep_ms: float = 2.0,
         wake_affinity: float = 0.9,
         guest_flush_per_stint: float = 0.2,
+        resched_us: float = 2.0,
         nested_fraction: float = 0.0,
         nested: dict | None = None,
         lifecycle: dict | None = None,
@@ -93,6 +97,7 @@ class Overcommit(Workload):
             raise ConfigError("workload.vm_vcpus", f"each VM size must be >= 1, got {list(vm_vcpus)}")
         positive("run_ms", run_ms, allow_zero=False)
         positive("sleep_ms", sleep_ms, allow_zero=False)
+        positive("resched_us", resched_us)
         for key, v in (
             ("wake_affinity", wake_affinity),
             ("guest_flush_per_stint", guest_flush_per_stint),
@@ -101,7 +106,7 @@ class Overcommit(Workload):
             check_share(key, v)
         self.cpuset, self.vms, self.vm_vcpus = cpuset, vms, tuple(vm_vcpus)
         self.run_ms, self.sleep_ms, self.wake_affinity = run_ms, sleep_ms, wake_affinity
-        self.nested_fraction, self.guest_flush_per_stint = nested_fraction, guest_flush_per_stint
+        self.nested_fraction, self.guest_flush_per_stint, self.resched_us = nested_fraction, guest_flush_per_stint, resched_us
         self.nested = NestedGuests(**(nested or {}))
 
     def check(self, topo: Topology) -> None:
@@ -197,7 +202,7 @@ class SharedCpuset(VmFleet):
         if (vm, i) in self.queue:
             self.queue.remove((vm, i))
         if vm.running[i]:
-            if reason and self.rng.random() < self.workload.guest_flush_per_stint:
+            if reason and self.workload.guest_flush_per_stint and self.rng.random() < self.workload.guest_flush_per_stint:
                 self.sim.emit(t, Ev.GUEST_TLB_FLUSH, vm.id, i)  # asked for in this run stint
                 self.sim.emit(t, Ev.VM_ENTRY, vm.id, i)
             self.leave_l2(t, vm, i)
@@ -217,14 +222,22 @@ class SharedCpuset(VmFleet):
         if not vm.current(gen) or not vm.running[i] or vm.cpus[i] != cpu:
             return
         if self.rng.random() < 0.5 or self.queue:
-            preempted = bool(self.queue) and self.rng.random() < 0.5  # runnable again at once
-            self.stop_vcpu(t, vm, i, PUT_PREEMPTED if preempted else PUT_HALT)
-            if preempted:
-                self.place_vcpu(t, vm, i)
+            if self.queue and self.rng.random() < 0.5:  # preempted: runnable again at once
+                self.sim.emit(t, Ev.NEED_RESCHED, vm.id, i)
+                self.sim.at(t + int(self.workload.resched_us * US), self.preempt, vm, i, cpu, gen)
             else:
+                self.stop_vcpu(t, vm, i, PUT_HALT)
                 self.sim.at(t + self.slice_ns(self.workload.sleep_ms), self.wake, vm, i, gen)
         else:
             self.sim.at(t + self.slice_ns(self.workload.run_ms), self.slice_end, vm, i, cpu, gen)
+
+    def preempt(self, t: int, vm: Vm, i: int, cpu: int, gen: int) -> None:
+        """resched_us after the scheduler set TIF_NEED_RESCHED (a wakeup or the tick), the
+        vCPU thread is out of guest mode (the reschedule IPI) and schedules: a flush IPI in
+        between finds need_resched, and the kicked vCPU does not re-enter (Ev.NEED_RESCHED)."""
+        if vm.current(gen) and vm.running[i] and vm.cpus[i] == cpu:
+            self.stop_vcpu(t, vm, i, PUT_PREEMPTED)
+            self.place_vcpu(t, vm, i)
 
     def wake(self, t: int, vm: Vm, i: int, gen: int) -> None:
         if vm.current(gen):
@@ -249,8 +262,9 @@ class SharedCpuset(VmFleet):
                 if self.rng.random() < ng.invept_prob:
                     sim.emit(t, Ev.L1_INVEPT, vm.id, i, arg=l2 if ng.nested_ept else 0)
                 if ng.nested_ept and self.rng.random() < ng.ept12_write_prob:
+                    flood = ZAP_FLOOD if self.rng.random() < ng.ept12_flood_prob else 0
                     sim.emit(t, Ev.VM_EXIT, vm.id, i)  # L1's write to EPT12 traps
-                    sim.emit(t, Ev.ZAP, vm.id, pcpu=vm.cpus[i], arg=l2)
+                    sim.emit(t, Ev.ZAP, vm.id, pcpu=vm.cpus[i], arg=l2 | flood)
                 sim.emit(t, Ev.NESTED_VMENTER, vm.id, i, arg=pack_nested_vmenter(l2, ng.nested_ept))
                 sim.emit(t, Ev.VM_ENTRY, vm.id, i)
                 self.l1[key] = l2
@@ -275,12 +289,14 @@ class SharedCpuset(VmFleet):
             sleep_ms=float(w.sleep_ms),
             wake_affinity=float(w.wake_affinity),
             guest_flush_per_stint=float(w.guest_flush_per_stint),
+            resched_ns=int(w.resched_us * US),
             nested_fraction=float(w.nested_fraction),
             l2_per_vm=ng.l2_per_vm,
             transitions_per_s=float(ng.transitions_per_s),
             nested_ept=bool(ng.nested_ept),
             invept_prob=float(ng.invept_prob),
             ept12_write_prob=float(ng.ept12_write_prob),
+            ept12_flood_prob=float(ng.ept12_flood_prob),
         )
         return CompiledStream(state, self.rng, _start, max_vcpus, self.lifecycle)
 
@@ -320,7 +336,7 @@ def _idle_positions(cpus: list[int]) -> np.ndarray:
 
 
 # --- the compiled twin of SharedCpuset -----------------------------------------------------------
-BOOT_ONE, SLICE_END, WAKE, NESTED_STEP = range(FIRST_WORKLOAD_OP, FIRST_WORKLOAD_OP + 4)
+BOOT_ONE, SLICE_END, WAKE, NESTED_STEP, PREEMPT = range(FIRST_WORKLOAD_OP, FIRST_WORKLOAD_OP + 5)
 IDLE_N, RUNQ_HEAD, RUNQ_TAIL, RUNQ_LEN = range(N_COUNTERS, N_COUNTERS + 4)
 N_SCHED_COUNTERS = N_COUNTERS + 4
 # The run queue is a doubly linked FIFO through the vCPU records, a vCPU named by
@@ -350,12 +366,14 @@ SchedState = NamedTuple(
         ("sleep_ms", float),
         ("wake_affinity", float),
         ("guest_flush_per_stint", float),
+        ("resched_ns", int),
         ("nested_fraction", float),
         ("l2_per_vm", int),
         ("transitions_per_s", float),
         ("nested_ept", bool),
         ("invept_prob", float),
         ("ept12_write_prob", float),
+        ("ept12_flood_prob", float),
     ],
 )
 _PARAMS = len(STREAM_FIELDS) + 4  # where SchedState's scalar parameters begin
@@ -499,7 +517,7 @@ def _stop_vcpu(st, rng, t, p, i, reason):
     if v.queued:
         _runq_remove(st, p, i)
     if v.running:
-        if reason != 0 and rng.random() < st.guest_flush_per_stint:
+        if reason != 0 and st.guest_flush_per_stint != 0 and rng.random() < st.guest_flush_per_stint:
             emit(st, t, Ev.GUEST_TLB_FLUSH, st.vms[p].id, i)
             emit(st, t, Ev.VM_ENTRY, st.vms[p].id, i)
         base.leave_l2(st, rng, t, p, i)
@@ -543,14 +561,23 @@ def _slice_end(st, rng, t: int, p: int, i: int, cpu: int, life: int) -> None:
     if not current(st, p, life) or not v.running or v.cpu != cpu:
         return
     if rng.random() < 0.5 or st.n[RUNQ_LEN] > 0:
-        preempted = st.n[RUNQ_LEN] > 0 and rng.random() < 0.5
-        base.stop_vcpu(st, rng, t, p, i, PUT_PREEMPTED if preempted else PUT_HALT)
-        if preempted:
-            base.place_vcpu(st, rng, t, p, i)
+        if st.n[RUNQ_LEN] > 0 and rng.random() < 0.5:
+            emit(st, t, Ev.NEED_RESCHED, st.vms[p].id, i)
+            at(st, t + st.resched_ns, PREEMPT, p, i, cpu, life)
         else:
+            base.stop_vcpu(st, rng, t, p, i, PUT_HALT)
             at(st, t + _slice_ns(rng, st.sleep_ms), WAKE, p, i, life)
     else:
         at(st, t + _slice_ns(rng, st.run_ms), SLICE_END, p, i, cpu, life)
+
+
+@numba.njit(**INLINE)
+def _preempt(st, rng, t: int, p: int, i: int, cpu: int, life: int) -> None:
+    """SharedCpuset.preempt."""
+    v = st.vcpus[p, i]
+    if current(st, p, life) and v.running and v.cpu == cpu:
+        base.stop_vcpu(st, rng, t, p, i, PUT_PREEMPTED)
+        base.place_vcpu(st, rng, t, p, i)
 
 
 @numba.njit(**INLINE)
@@ -578,8 +605,9 @@ def _nested_step(st, rng, t: int, p: int, life: int) -> None:
             if rng.random() < st.invept_prob:
                 emit(st, t, Ev.L1_INVEPT, vm, i, -1, l2 if st.nested_ept else 0)
             if st.nested_ept and rng.random() < st.ept12_write_prob:
+                flood = ZAP_FLOOD if rng.random() < st.ept12_flood_prob else 0
                 emit(st, t, Ev.VM_EXIT, vm, i)  # L1's write to EPT12 traps
-                emit(st, t, Ev.ZAP, vm, -1, v.cpu, l2)
+                emit(st, t, Ev.ZAP, vm, -1, v.cpu, l2 | flood)
             emit(st, t, Ev.NESTED_VMENTER, vm, i, -1, _pack_nested_vmenter(l2, st.nested_ept))
             emit(st, t, Ev.VM_ENTRY, vm, i)
             v.l2 = l2
@@ -597,3 +625,5 @@ def _on_callback(st, rng, t, op, a, b, c, d):
         _wake(st, rng, t, a, b, c)
     elif op == NESTED_STEP:  # (slot, life)
         _nested_step(st, rng, t, a, b)
+    elif op == PREEMPT:  # (slot, vcpu, pCPU, life)
+        _preempt(st, rng, t, a, b, c, d)
