@@ -7,7 +7,10 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <string>
+#include <tuple>
 
+#include "check.h"
 #include "kvm.h"
 
 namespace py = pybind11;
@@ -55,6 +58,62 @@ class Engine {
             s.events++;
         }
         return n;
+    }
+
+    // --- hvbench-check (hvmodel/check.py): explore event sequences from copies of a state
+    Engine copy() const { return *this; }
+
+    // One event (its time: the count of events so far); false if the trace would be invalid
+    // there (the state is then half-changed: drop this copy).
+    bool step(int kind, i64 vm, i64 vcpu, i64 pcpu, i64 arg) {
+        s.now = s.events;
+        s.event_peak = s.mask_now;
+        dispatch(s, kind, vm, vcpu, pcpu, arg);
+        if (s.err) return false;
+        finish_event(s, s.now);
+        s.events++;
+        return true;
+    }
+
+    // 128 bits of the state's canonical key (check.h): equal for states with the same futures
+    py::bytes digest() const { return py::bytes(key_digest(state_key(s))); }
+
+    // Every child of this state: for each letter (EVENT_DTYPE records; times are ignored) that
+    // is valid here, (letter index, stale uses, first hazard kind, a 128-bit digest of the
+    // child's key). The GIL is released: hvbench-check runs strategies side by side.
+    py::list expand(py::buffer letters) {
+        py::buffer_info b = letters.request();
+        if (b.itemsize != EVENT_LAYOUT[0] || b.ndim != 1) throw std::invalid_argument("expand() needs EVENT_DTYPE records");
+        const char* p = static_cast<const char*>(b.ptr);
+        std::vector<std::tuple<i64, i64, i64, std::string>> out;
+        {
+            py::gil_scoped_release unlocked;
+            Engine child(*this);
+            for (i64 k = 0; k < b.shape[0]; k++, p += EVENT_LAYOUT[0]) {
+                int kind = field<uint8_t>(p, EVENT_LAYOUT[2]);
+                i64 vm = field<int32_t>(p, EVENT_LAYOUT[3]), vcpu = field<int32_t>(p, EVENT_LAYOUT[4]);
+                i64 pcpu = field<int32_t>(p, EVENT_LAYOUT[5]), arg = field<i64>(p, EVENT_LAYOUT[6]);
+                child.s = s;  // a copy that reuses the child's storage
+                if (!child.step(kind, vm, vcpu, pcpu, arg)) continue;
+                auto [n, first] = child.stale();
+                out.emplace_back(k, n, first, n ? std::string() : key_digest(state_key(child.s)));
+            }
+        }
+        py::list result;
+        for (auto& [k, n, first, digest] : out) result.append(py::make_tuple(k, n, first, py::bytes(digest)));
+        return result;
+    }
+
+    std::pair<i64, i64> stale() const {
+        i64 n = 0;
+        for (int k = 0; k < N_HAZARDS; k++) n += s.stale_kind[k];
+        return {n, s.ex_n ? s.ex[EX_KIND] : -1};
+    }
+
+    // Stale uses so far, and the hazard kind of the first one (HAZARDS order, -1: none).
+    py::tuple stale_uses() const {
+        auto [n, first] = stale();
+        return py::make_tuple(n, first);
     }
 
     // Another shard's event at t_ns broadcast kvm_flush_tlb_root to every online pCPU: each
@@ -153,7 +212,12 @@ PYBIND11_MODULE(_engine, m) {
         .def("vcpu", &Engine::vcpu)
         .def("remote_on_each_cpu", &Engine::remote_on_each_cpu)
         .def("take_outbox", &Engine::take_outbox)
-        .def("take_mask_series", &Engine::take_mask_series);
+        .def("take_mask_series", &Engine::take_mask_series)
+        .def("copy", &Engine::copy)
+        .def("step", &Engine::step)
+        .def("digest", &Engine::digest)
+        .def("expand", &Engine::expand)
+        .def("stale_uses", &Engine::stale_uses);
     m.attr("SOURCE_DIGEST") = HV_SOURCE_DIGEST;
     m.attr("EVENT_LAYOUT") = py::make_tuple(EVENT_LAYOUT[0], EVENT_LAYOUT[1], EVENT_LAYOUT[2], EVENT_LAYOUT[3],
                                             EVENT_LAYOUT[4], EVENT_LAYOUT[5], EVENT_LAYOUT[6]);

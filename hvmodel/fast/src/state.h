@@ -82,6 +82,15 @@ template <class T>
 class RowPool {
    public:
     explicit RowPool(i64 width) : width_(width) {}
+    // Deep copies (hvbench-check); assignment reuses the rows it has.
+    RowPool(const RowPool& o) { *this = o; }
+    RowPool& operator=(const RowPool& o) {
+        width_ = o.width_, free_ = o.free_;
+        if (rows_.size() > o.rows_.size()) rows_.resize(o.rows_.size());
+        while (rows_.size() < o.rows_.size()) rows_.emplace_back(new T[width_]);
+        for (size_t r = 0; r < rows_.size(); r++) std::copy_n(o.rows_[r].get(), width_, rows_[r].get());
+        return *this;
+    }
     i64 alloc() {
         i64 r;
         if (!free_.empty()) {
@@ -96,6 +105,7 @@ class RowPool {
     }
     void release(i64 r) { free_.push_back(r); }
     T* row(i64 r) { return rows_[r].get(); }
+    const T* row(i64 r) const { return rows_[r].get(); }
 
    private:
     i64 width_;
@@ -256,7 +266,9 @@ struct State {
     u64* holder_row(i64 pid) { return &holders[pid * words]; }
     bool page_known(i64 pid) const { return pid >= 0 && size_t((pid + 1) * words) <= holders.size(); }
     u64* row(i64 r) { return rows.row(r); }
+    const u64* row(i64 r) const { return rows.row(r); }
     u32* gen_row(i64 r) { return gens.row(r); }
+    const u32* gen_row(i64 r) const { return gens.row(r); }
     i64 vmcs(i64 v, int w) const { return v_vmcs[v * 2 + w]; }
     i64& vmcs(i64 v, int w) { return v_vmcs[v * 2 + w]; }
     i64& role(i64 v, int m) { return m_role[v * 2 + m]; }
