@@ -162,7 +162,7 @@ def kvm_destroy_vm(kvm: Kvm) -> None:
         loaded_vmcs_clear(host, vcpu.vmcs01)
         loaded_vmcs_clear(host, vcpu.vmcs02)
         kvm_mmu_unload(vcpu)
-        host.pool.free_cache(vcpu, kvm.node)
+        host.pool.free_cache(vcpu, kvm.node, host.now)
         host.vpids.free_vpid(vcpu.vpid)
         host.vpids.free_vpid(vcpu.vpid02)
     kvm_mmu_uninit_vm(kvm)

@@ -66,13 +66,18 @@ class PagePool:
         self.next_pfn[node] += 1
         return ((node << 36) | pfn) << PAGE_SHIFT
 
-    def topup(self, vcpu: KvmVcpu, node: int, now: int) -> None:
-        """mmu_topup_memory_caches() at kvm_mmu_load(), after the grace periods that ended."""
-        if not self.cached:
-            return
+    def rcu_callbacks(self, now: int) -> None:
+        """The pages whose grace period ended by `now` join the allocator, in the order their
+        periods ended: before anything freed later (the RCU callback runs when it ends)."""
         while self.rcu and self.rcu[0][0] <= now:
             _, n, hpa = self.rcu.popleft()
             self.free[n].append(hpa)
+
+    def topup(self, vcpu: KvmVcpu, node: int, now: int) -> None:
+        """mmu_topup_memory_caches() at kvm_mmu_load()."""
+        if not self.cached:
+            return
+        self.rcu_callbacks(now)
         cache = self.caches.setdefault(vcpu, [])
         if len(cache) < PT64_ROOT_MAX_LEVEL:
             cache.extend(self.page(node) for _ in range(KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE - len(cache)))
@@ -84,10 +89,12 @@ class PagePool:
         if self.cached and rcu:
             self.rcu.append((now + self.rcu_grace_ns, node, hpa))
         else:
+            self.rcu_callbacks(now)
             self.free[node].append(hpa)
 
-    def free_cache(self, vcpu: KvmVcpu, node: int) -> None:
+    def free_cache(self, vcpu: KvmVcpu, node: int, now: int) -> None:
         """kvm_mmu_free_memory_caches(): the objects go back last one first."""
+        self.rcu_callbacks(now)
         cache = self.caches.pop(vcpu, [])
         self.free[node].extend(reversed(cache))
 

@@ -24,6 +24,7 @@ from hvmodel.errors import ConfigError
 from hvmodel.host import Topology
 from hvmodel.kvm_host import INVALID_ROOT, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KvmMmuPageRole
 from hvmodel.metrics import TRACE_RATE_KEYS, Metrics, NoiseBudget
+from hvmodel.mmu import PagePool
 from hvmodel.strategies.base import cpumask_bytes, kmalloc_size
 from hvmodel.strategies.hyperv_flush_hypercall import HypervFlushHypercall
 from hvmodel.strategies.per_root_cpumask import PerRootCpumask
@@ -919,3 +920,13 @@ def test_host_keeps_a_housekeeping_cpu_and_text_traces_take_long_times(tmp_path)
     path = tmp_path / "long.jsonl"
     path.write_text('{"t_ns": 0, "event": "vm_create", "vm": 1, "vcpus": 1}\n{"t_ns": 3600000000000, "event": "vm_destroy", "vm": 1}\n')
     assert load_text(path).duration_ns == 3_600_000_000_000
+
+
+def test_rcu_freed_pages_join_the_allocator_when_their_grace_period_ends():
+    """page_reuse=cached: a TDP root's page freed at t=0 with a 10 ns grace period is back at
+    t=10 (the RCU callback), before a shadow page freed at t=20, so the allocator (LIFO) hands
+    out the shadow page first, then the TDP root's, then a new one."""
+    pool = PagePool(1, cached=True, rcu_grace_ns=10)
+    pool.release(0, 0xA000, now=0, rcu=True)
+    pool.release(0, 0xB000, now=20, rcu=False)
+    assert [pool.page(0), pool.page(0), pool.page(0)] == [0xB000, 0xA000, 0x1000]

@@ -222,12 +222,17 @@ inline i64 page_alloc(State& s, i64 node) {
 // page_reuse=cached (mmu.PagePool): roots take pages from the vCPU's mmu_shadow_page_cache,
 // which kvm_mmu_load() tops up (below PT64_ROOT_MAX_LEVEL objects, refill to 40); TDP root
 // pages come back after an RCU grace period, shadow pages at once.
-inline void page_topup(State& s, i64 v, i64 node) {
-    if (!s.page_cached) return;
+// PagePool.rcu_callbacks: pages whose grace period ended join the allocator before anything freed later.
+inline void rcu_callbacks(State& s) {
     while (!s.rcu.empty() && s.rcu.front()[0] <= s.now) {
         s.pool[s.rcu.front()[1]].push_back(s.rcu.front()[2]);
         s.rcu.pop_front();
     }
+}
+
+inline void page_topup(State& s, i64 v, i64 node) {
+    if (!s.page_cached) return;
+    rcu_callbacks(s);
     auto& cache = s.v_pcache[v];
     if (i64(cache.size()) < PT64_ROOT_MAX_LEVEL)
         while (i64(cache.size()) < KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE) cache.push_back(page_alloc(s, node));
@@ -241,11 +246,13 @@ inline i64 root_page_alloc(State& s, i64 v, i64 node) {
 }
 
 inline void page_release(State& s, i64 node, i64 pid, bool rcu) {
-    if (s.page_cached && rcu) s.rcu.push_back({s.now + s.rcu_grace_ns, node, pid});
-    else s.pool[node].push_back(pid);
+    if (s.page_cached && rcu) return s.rcu.push_back({s.now + s.rcu_grace_ns, node, pid});
+    rcu_callbacks(s);
+    s.pool[node].push_back(pid);
 }
 
 inline void free_page_cache(State& s, i64 v, i64 node) {  // kvm_mmu_free_memory_caches()
+    rcu_callbacks(s);
     auto& cache = s.v_pcache[v];
     for (auto it = cache.rbegin(); it != cache.rend(); ++it) s.pool[node].push_back(*it);
     cache.clear();
