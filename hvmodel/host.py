@@ -75,6 +75,10 @@ class Topology:
     name: str = ""
 
     def __post_init__(self) -> None:
+        if isinstance(self.isolcpus, int) and not isinstance(self.isolcpus, bool):
+            object.__setattr__(self, "isolcpus", str(self.isolcpus))  # host.isolcpus=19: Hydra parses one CPU as an int
+        if self.isolcpus is not None and not isinstance(self.isolcpus, str):
+            raise ConfigError("host.isolcpus", f"must be a cpulist such as 1-7,9-15, got {self.isolcpus!r}")
         if self.env not in ENVIRONMENTS:
             raise ConfigError("host.env", f"unknown {self.env!r}; allowed: {', '.join(ENVIRONMENTS)}")
         if not 1 <= self.nr_cpus <= NR_CPUS_MAX:

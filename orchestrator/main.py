@@ -41,6 +41,10 @@ def job_identity(cfg: DictConfig) -> tuple[str, str, dict]:
     hc = HydraConfig.get()
     choices = hc.runtime.choices
     names = {g: choices.get(g, "?") for g in ("host", "workload", "strategy", "cost", "noise")}
+    # a host preset with fields overridden is another host: say which (x16[isolcpus=9])
+    changed = [o.lstrip("+~").removeprefix("host.") for o in hc.overrides.task if o.lstrip("+~").startswith("host.")]
+    if changed:
+        names["host"] += f"[{','.join(changed)}]"
     if hc.mode == RunMode.MULTIRUN:
         sweep = str(Path(hc.sweep.dir))
         experiment = "hvbench-" + "_".join(Path(hc.sweep.dir).parts[-2:])

@@ -261,7 +261,8 @@ class Progress:
         self.last = now
         done = sum(1 for s in self.state.values() if s["done"])
         events = sum(s["events"] for s in self.state.values())
-        sim = min((s["sim_ns"] for s in self.state.values() if not s["done"]), default=self.duration_ns or 0)
+        reached = max((s["sim_ns"] for s in self.state.values()), default=0)
+        sim = min((s["sim_ns"] for s in self.state.values() if not s["done"]), default=self.duration_ns or reached)
         elapsed = max(now - self.t0, 1e-9)
         line = f"[hvbench] {self.label + ': ' if self.label else ''}shards {done}/{self.shards} done | sim {sim / 1e9:.2f}"
         if self.duration_ns:

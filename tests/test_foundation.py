@@ -86,9 +86,11 @@ def hvbench(args, cwd, timeout=300):
 @pytest.mark.slow
 def test_multirun_one_experiment_two_runs(tmp_path):
     """`hvbench -m strategy=upstream,active_roots`: two jobs, one MLflow experiment, tagged with
-    the sweep; each job's summary.json equals its MLflow metrics."""
+    the sweep; each job's summary.json equals its MLflow metrics. A host preset with a field
+    overridden is named for it."""
     sweep = tmp_path / "sweep"
-    out = hvbench(["-m", "strategy=upstream,active_roots", f"hydra.sweep.dir={sweep}", "workload.duration_s=0.5"], tmp_path)
+    args = ["-m", "strategy=upstream,active_roots", f"hydra.sweep.dir={sweep}", "workload.duration_s=0.5", "host.x2apic_cluster_size=8"]
+    out = hvbench(args, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exps = [e for e in client.search_experiments() if e.name.startswith("hvbench-")]
@@ -98,6 +100,8 @@ def test_multirun_one_experiment_two_runs(tmp_path):
     assert {r.data.tags["sweep"] for r in runs} == {str(sweep)}
     for r in runs:
         assert r.info.status == "FINISHED"
+        assert r.data.tags["host"] == "x16[x2apic_cluster_size=8]"
+        assert r.info.run_name == f"{r.data.tags['strategy']}|x16[x2apic_cluster_size=8]|partitioned_pinned|seed0"
         summary = json.loads((sweep / r.data.tags["job_num"] / "summary.json").read_text())
         assert {k: r.data.metrics[k] for k in summary} == pytest.approx(summary)
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "run")}

@@ -917,6 +917,9 @@ def test_host_keeps_a_housekeeping_cpu_and_text_traces_take_long_times(tmp_path)
     with pytest.raises(ConfigError) as e:
         Topology(nr_cpus=4, smt=1, isolcpus="0-3")
     assert e.value.key == "host.isolcpus"
+    assert Topology(nr_cpus=32, isolcpus=19).rt_mask().nonzero()[0].tolist() == [19]  # host.isolcpus=19 arrives as an int
+    with pytest.raises(ConfigError, match="must be a cpulist"):
+        Topology(nr_cpus=32, isolcpus=[1, 2])
     path = tmp_path / "long.jsonl"
     path.write_text('{"t_ns": 0, "event": "vm_create", "vm": 1, "vcpus": 1}\n{"t_ns": 3600000000000, "event": "vm_destroy", "vm": 1}\n')
     assert load_text(path).duration_ns == 3_600_000_000_000
@@ -930,3 +933,21 @@ def test_rcu_freed_pages_join_the_allocator_when_their_grace_period_ends():
     pool.release(0, 0xA000, now=0, rcu=True)
     pool.release(0, 0xB000, now=20, rcu=False)
     assert [pool.page(0), pool.page(0), pool.page(0)] == [0xB000, 0xA000, 0x1000]
+
+
+def test_a_trace_file_is_checked_against_the_host_before_it_runs(tmp_path):
+    """workload=trace: a pCPU the host lacks is a config error up front (not a replay error after
+    Ray and MLflow started), and the file's duration is known for the progress line."""
+    from hvmodel.workloads.trace_file import TraceFile
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(
+        '{"t_ns": 0, "event": "vm_create", "vm": 1, "vcpus": 1}\n{"t_ns": 7, "event": "vcpu_load", "vm": 1, "vcpu": 0, "pcpu": 20}\n'
+    )
+    x16 = Topology(nr_cpus=16, name="x16")
+    with pytest.raises(ConfigError, match="uses pcpu 20, but host x16 has 16 CPUs: pick a bigger host") as e:
+        TraceFile(str(path)).check(x16)
+    assert e.value.key == "workload.path"
+    w = TraceFile(str(path))
+    w.check(Topology(nr_cpus=32))
+    assert w.duration_ns == 7

@@ -24,8 +24,16 @@ class TraceFile(Workload):
         self.duration_ns = None
 
     def check(self, topo: Topology) -> None:
-        """Parse the file now, so a bad line is reported before anything runs."""
-        self.trace(topo, 0)
+        """Parse the file now, so a bad line, or a pCPU the host does not have, is reported
+        before anything runs; the file's duration is then known (progress and ETA)."""
+        trace = self.trace(topo, 0)
+        top = max((int(chunk["pcpu"].max()) for chunk in trace if len(chunk)), default=-1)
+        if top >= topo.nr_cpus:
+            raise ConfigError(
+                "workload.path",
+                f"{self.path} uses pcpu {top}, but host {topo.name or topo.nr_cpus} has {topo.nr_cpus} CPUs: pick a bigger host",
+            )
+        self.duration_ns = trace.duration_ns
 
     def node_local(self, topo: Topology) -> bool:
         """Whether each VM of the file stays on one NUMA node (one pass over the file)."""
