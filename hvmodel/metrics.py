@@ -33,7 +33,7 @@ PER_CPU_COUNTERS = (
     "stale_tlb_uses",  # oracle violations at VM entries here
     "noise_events",  # interruptions here at or above the noise threshold
     "rt_budget_violations",  # noise windows here over budget
-    # the trace's own rates (how realistic a run was; no strategy changes them)
+    # the trace's own rates (how realistic a run was; of these only vm_exits depends on the strategy, through its IPIs)
     "vm_exits",  # every exit from guest mode here: the trace's (vm_exit, vcpu_put, ...) and IPIs' (vmexits_from_ipi)
     "halts",  # vcpu_put here of a vCPU blocked in HLT (trace arg PUT_HALT)
     "preemptions",  # vcpu_put here of a runnable vCPU (arg PUT_PREEMPTED: kvm_sched_out's vcpu->preempted)
