@@ -29,7 +29,6 @@ L2 = 1  # the one EPTP12 (and VPID12) L1 uses
 
 @dataclass
 class CheckResult:
-    strategy: str
     depth: int  # every sequence up to this many events was explored (or, with a counter-example, its length)
     states: int  # distinct states seen
     sequences: int  # events tried
@@ -91,6 +90,9 @@ def check(
     for d in range(1, depth + 1):
         nxt = []
         for path in frontier:
+            # the frontier holds paths, not states: a State holds every array of the model
+            # (its free vCPU-block table alone is 32 KiB), a path a few bytes, and replaying
+            # at most `depth` events costs less than the node's children
             node = root.copy()
             node.replay(_timed(letters[list(path)], len(vms)))
             children = node.expand(letters)
@@ -98,18 +100,18 @@ def check(
             for k, stale, kind, digest in children:
                 if stale:
                     events = np.concatenate([creation(vms), letters[[*path, k]]])
-                    return _result(strategy, d, len(seen), tried, t0, _timed(events, 0), list(HAZARDS)[kind], True)
+                    return _result(d, len(seen), tried, t0, _timed(events, 0), list(HAZARDS)[kind], True)
                 if digest not in seen:
                     seen.add(digest)
                     nxt.append((*path, k))
             if time.perf_counter() - t0 > time_limit_s:
-                return _result(strategy, d - 1, len(seen), tried, t0, None, None, False)
+                return _result(d - 1, len(seen), tried, t0, None, None, False)
         if progress:
             progress(d, len(seen), len(nxt))
         frontier = nxt
         if not frontier:  # every reachable state was seen: deeper sequences find nothing new
             break
-    return _result(strategy, depth, len(seen), tried, t0, None, None, True)
+    return _result(depth, len(seen), tried, t0, None, None, True)
 
 
 def _timed(events: np.ndarray, t0: int) -> np.ndarray:
@@ -118,5 +120,5 @@ def _timed(events: np.ndarray, t0: int) -> np.ndarray:
     return out
 
 
-def _result(strategy, depth, states, tried, t0, events, kind, complete) -> CheckResult:
-    return CheckResult(strategy.name, depth, states, tried, time.perf_counter() - t0, events, kind, complete)
+def _result(depth, states, tried, t0, events, kind, complete) -> CheckResult:
+    return CheckResult(depth, states, tried, time.perf_counter() - t0, events, kind, complete)

@@ -25,7 +25,7 @@ class KeyWriter {
     // a page, by the order pages are first seen; pid 0, the zero page, is the dummy root's
     i64 page_number(i64 pid) { return pid == NONE ? -1 : pid == 0 ? 0 : pages_.emplace(pid, i64(pages_.size()) + 1).first->second; }
     void page(i64 pid) { put(page_number(pid)); }
-    void hpa(i64 h) { page(h == NONE ? NONE : page_id_of(h)); }
+    void hpa(i64 h) { page(h == DUMMY_ROOT_HPA ? 0 : h == NONE ? NONE : page_id(s_, h)); }
     // a root slot, by its place in the VMs' kvm->roots lists (roots() must run first)
     void root(i64 r) { put(r == NONE ? -1 : root_index_.at(r)); }
     const std::string& str() const { return out_; }
@@ -45,11 +45,6 @@ class KeyWriter {
     const State& s_;
     std::string out_;
     std::map<i64, i64> pages_, root_index_;
-
-    i64 page_id_of(i64 h) const {
-        i64 a = h >> PAGE_SHIFT, node = a >> 36, pfn = a & ((i64(1) << 36) - 1);
-        return pfn * s_.n_nodes + node;
-    }
 };
 
 inline std::string state_key(const State& s) {
