@@ -265,6 +265,14 @@ class VmFleet:
         """vcpu_put, with why (trace.PUT_REASONS: 0 for a teardown)."""
         raise NotImplementedError
 
+    def end_stint(self, t: int, vm: Vm, i: int, reason: int, flush_share: float) -> None:
+        """A run stint ends (reason: a halt or a preemption, not a teardown): with probability
+        `flush_share` the guest asked for a TLB flush during it (KVM_REQ_TLB_FLUSH_GUEST: an
+        INVPCID, a PV flush), written here, at the stint's end. No draw for a share of 0."""
+        if reason and flush_share and self.rng.random() < flush_share:
+            self.sim.emit(t, Ev.GUEST_TLB_FLUSH, vm.id, i)
+            self.sim.emit(t, Ev.VM_ENTRY, vm.id, i)
+
     def vcpus_running(self, t: int, vm: Vm) -> None:
         """All vCPUs are up: start their run/halt behaviour."""
 
@@ -544,6 +552,14 @@ def replace(st, rng, t, p):
 def on_callback(st, rng, t, op, a, b, c, d):
     """Run a workload callback (op >= FIRST_WORKLOAD_OP) popped at time t."""
     raise NotImplementedError
+
+
+@numba.njit(**JIT)
+def end_stint(st, rng, t: int, p: int, i: int, reason: int) -> None:
+    """VmFleet.end_stint, with the stream state's `guest_flush_per_stint`."""
+    if reason != 0 and st.guest_flush_per_stint != 0 and rng.random() < st.guest_flush_per_stint:
+        emit(st, t, Ev.GUEST_TLB_FLUSH, st.vms[p].id, i)
+        emit(st, t, Ev.VM_ENTRY, st.vms[p].id, i)
 
 
 # -- the lifecycle, compiled (VmFleet's methods of the same names) ---------------------------

@@ -202,9 +202,7 @@ class SharedCpuset(VmFleet):
         if (vm, i) in self.queue:
             self.queue.remove((vm, i))
         if vm.running[i]:
-            if reason and self.workload.guest_flush_per_stint and self.rng.random() < self.workload.guest_flush_per_stint:
-                self.sim.emit(t, Ev.GUEST_TLB_FLUSH, vm.id, i)  # asked for in this run stint
-                self.sim.emit(t, Ev.VM_ENTRY, vm.id, i)
+            self.end_stint(t, vm, i, reason, self.workload.guest_flush_per_stint)
             self.leave_l2(t, vm, i)
             vm.running[i] = False
             self.sim.emit(t, Ev.VCPU_PUT, vm.id, i, arg=reason)
@@ -517,9 +515,7 @@ def _stop_vcpu(st, rng, t, p, i, reason):
     if v.queued:
         _runq_remove(st, p, i)
     if v.running:
-        if reason != 0 and st.guest_flush_per_stint != 0 and rng.random() < st.guest_flush_per_stint:
-            emit(st, t, Ev.GUEST_TLB_FLUSH, st.vms[p].id, i)
-            emit(st, t, Ev.VM_ENTRY, st.vms[p].id, i)
+        base.end_stint(st, rng, t, p, i, reason)
         base.leave_l2(st, rng, t, p, i)
         v.running = False
         emit(st, t, Ev.VCPU_PUT, st.vms[p].id, i, -1, reason)

@@ -141,9 +141,7 @@ class PinnedNode(VmFleet):
 
     def stop_vcpu(self, t: int, vm: Vm, i: int, reason: int = 0) -> None:
         if vm.running[i]:
-            if reason and self.workload.guest_flush_per_stint and self.rng.random() < self.workload.guest_flush_per_stint:
-                self.sim.emit(t, Ev.GUEST_TLB_FLUSH, vm.id, i)  # asked for in this run stint
-                self.sim.emit(t, Ev.VM_ENTRY, vm.id, i)
+            self.end_stint(t, vm, i, reason, self.workload.guest_flush_per_stint)
             vm.running[i] = False
             self.sim.emit(t, Ev.VCPU_PUT, vm.id, i, arg=reason)
 
@@ -221,9 +219,7 @@ def _place_vcpu(st, rng, t, p, i):
 def _stop_vcpu(st, rng, t, p, i, reason):
     c = st.vcpus[p, i]
     if c.running:
-        if reason != 0 and st.guest_flush_per_stint != 0 and rng.random() < st.guest_flush_per_stint:
-            emit(st, t, Ev.GUEST_TLB_FLUSH, st.vms[p].id, i)
-            emit(st, t, Ev.VM_ENTRY, st.vms[p].id, i)
+        base.end_stint(st, rng, t, p, i, reason)
         c.running = False
         emit(st, t, Ev.VCPU_PUT, st.vms[p].id, i, -1, reason)
 
