@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 from hvmodel.engine import simulate
+from hvmodel.fast.engine import FastEngine
 from hvmodel.host import Topology
 from hvmodel.metrics import HAZARDS
 from hvmodel.strategies.active_roots import ActiveRoots
@@ -41,7 +42,7 @@ from hvmodel.strategies.per_root_cpumask_clear import PerRootCpumaskClear
 from hvmodel.strategies.root_generation import RootGeneration
 from hvmodel.strategies.upstream import Upstream
 from hvmodel.strategies.vm_ever_ran_mask import VmEverRanMask
-from hvmodel.trace import Ev, Trace, load_text
+from hvmodel.trace import EVENT_DTYPE, PUT_PREEMPTED, Ev, Trace, load_text
 
 from controls import CurrentRootOnly, NoMigrationFlush, RootMmuOnly
 from readings import READINGS
@@ -442,3 +443,19 @@ def test_trace_rates_close_at_the_trace_end():
     _, s = simulate(Trace.from_array(events, duration_ns=2600), host(4), Upstream())
     assert s["vcpu_seconds"] == pytest.approx(2.6e-6)
     assert s["guest_mode_pct"] == pytest.approx(100 * (200 + 200 + 500 + 100) / 2600)
+
+
+@pytest.mark.parametrize("engine", [None, FastEngine])
+@pytest.mark.parametrize("destroy", [False, True])
+def test_steal_runs_to_the_trace_end_or_the_vm_destroy(engine, destroy):
+    """trace_rates.jsonl up to the preemption at 1500 ns, in a 2000 ns trace: the preempted
+    vCPU's wait runs to the end (500 ns of 2000 vCPU-ns); with a vm_destroy at 1800 ns, to the
+    destroy (300 of 1800)."""
+    events = np.concatenate(list(load_text(TRACES / "trace_rates.jsonl")))[:9]
+    assert events["time_ns"][-1] == 1500 and events["arg"][-1] == PUT_PREEMPTED
+    if destroy:
+        events = np.concatenate([events, np.array([(1800, Ev.VM_DESTROY, 1, -1, 0, 0)], EVENT_DTYPE)])
+    _, s = simulate(Trace.from_array(events, duration_ns=2000), host(4), Upstream(), engine=engine)
+    alive, steal = (1800, 300) if destroy else (2000, 500)
+    assert s["vcpu_seconds"] == pytest.approx(alive * 1e-9)
+    assert s["steal_pct"] == pytest.approx(100 * steal / alive)
