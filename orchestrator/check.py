@@ -29,7 +29,7 @@ from hvmodel.errors import ConfigError
 from hvmodel.host import Topology
 from hvmodel.strategies.base import check_environment
 from hvmodel.trace import Trace, event_to_json
-from orchestrator.report import write_atomic
+from orchestrator.report import format_table, write_atomic
 from orchestrator.scenario import CONF_DIR
 
 EXIT_USAGE = 2
@@ -125,9 +125,7 @@ def table(names: list[str], results: list[CheckResult], depth: int) -> str:
         else:
             verdict, length = f"no stale use up to {r.depth} events (time limit)", "-"
         rows.append((name, verdict, length, r.kind or "-", f"{r.states:,}", f"{r.sequences:,}", f"{r.seconds:.1f}"))
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+    return format_table(head, rows, left=len(head)).rstrip("\n")
 
 
 if __name__ == "__main__":

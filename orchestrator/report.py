@@ -164,7 +164,7 @@ def compare_table(rows: list[dict], markdown: bool = False) -> str:
         ]
         for r in rows
     ]
-    return _table(head, body, 5, markdown)
+    return format_table(head, body, 5, markdown)
 
 
 # The trace's own rates per vCPU (hvmodel.metrics.TRACE_RATE_KEYS), and what real KVM hosts show
@@ -186,10 +186,10 @@ def rates_table(rows: list[dict], markdown: bool = False) -> str:
     head = ["host", "workload", "strategy", *(label + unit for _, label, unit, _, _ in RATE_COLUMNS)]
     body = [[r["host"], r["workload"], r["strategy"], *(f.format(r.get(k, float("nan"))) for k, _, _, f, _ in RATE_COLUMNS)] for r in rows]
     body.append(["real hosts", "", "", *(c[4] for c in RATE_COLUMNS)])
-    return _table(head, body, 3, markdown)
+    return format_table(head, body, 3, markdown)
 
 
-def _table(head: list, body: list[list], left: int, markdown: bool) -> str:
+def format_table(head: list, body: list[list], left: int, markdown: bool = False) -> str:
     """Aligned text (the first `left` columns to the left), or a Markdown table (docs)."""
     if markdown:
         line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"
