@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 ENGINE := $(VENV)/.engine-stamp
 ENGINE_SRC := setup.py hvmodel/fast/digest.py $(wildcard hvmodel/fast/src/*.h hvmodel/fast/src/*.cpp hvmodel/fast/src/*/*.h)
 
-.PHONY: run test lint bench scale clean
+.PHONY: run test lint bench scale results clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,5 +36,8 @@ bench: $(ENGINE)       ## engine, generator, shards and sweeps: one table, as ra
 scale: $(ENGINE)       ## sweep wall time, events/s and peak memory per host size (docs/performance.md)
 	$(BIN)/python -m benchmarks.scale $(ARGS)
 
+results: $(ENGINE)     ## run experiments/ and regenerate docs/results.md from MLflow (ARGS=--quick: tiny, into results/quick/)
+	$(BIN)/python -m orchestrator.results $(ARGS)
+
 clean:
-	rm -rf $(VENV) outputs multirun mlruns mlartifacts mlflow.db mlflow.db.lock hvmodel/fast/_engine*.so build
+	rm -rf $(VENV) outputs multirun results mlruns mlartifacts mlflow.db mlflow.db.lock hvmodel/fast/_engine*.so build

@@ -8,8 +8,12 @@ shard actors (docs/performance.md). Hydra's per-job setup (HydraConfig, output d
 .hydra/) is global state, so it is done one job at a time in the main thread, by Hydra's own
 run_job; the job then runs in a thread of its own.
 
-Ctrl-C stops every running job (their runs end KILLED), never starts the queued ones, and stops
-the local Ray instance, so no Ray process is left behind.
+The sweep is one MLflow parent run (its overrides; its comparison table and plot as artifacts,
+from the jobs' summaries once they are done) and each job's run is its child: the MLflow UI
+shows the sweep as one row that expands, and `hvbench-report RUN_ID` compares its jobs.
+
+Ctrl-C stops every running job (their runs end KILLED, and the parent with them), never starts
+the queued ones, and stops the local Ray instance, so no Ray process is left behind.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from omegaconf import DictConfig, open_dict
 
 from hvmodel.errors import ConfigError
 from hvmodel.trace import TraceError
-from orchestrator import main, sharding
+from orchestrator import main, report, sharding
 from orchestrator.sharding import LocalRay
+from orchestrator.tracking import SWEEP_TAG
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,8 @@ class HvbenchLauncher(Launcher):
         )
         sharding.JOBS_IN_PARALLEL.set()
         try:
-            self._run_all(returns, cpus)
+            if jobs:
+                self._run_sweep(returns, jobs, cpus)
         except KeyboardInterrupt:
             print("[hvbench] interrupted: running jobs are KILLED, queued ones never start", file=sys.stderr)
             if isinstance(cluster, LocalRay):
@@ -101,10 +107,33 @@ class HvbenchLauncher(Launcher):
         finally:
             main.DEFER.reset(token)
 
-    def _run_all(self, returns: list[JobReturn], cpus: float) -> None:
+    def _run_sweep(self, returns: list[JobReturn], jobs: list, cpus: float) -> None:
+        """The jobs under their sweep's parent run, which ends FAILED if one of them failed."""
+        hc, first = self.config.hydra, jobs[0]
+        sweep_dir = Path(str(hc.sweep.dir))
+        params = {f"sweep.{k.lstrip('+~')}": v for k, v in (hc.sweeper.params or {}).items()}  # MLflow keys: no + or ~
+        params.update(config_name=hc.job.config_name, overrides=" ".join(hc.overrides.task), jobs=len(returns))
+        tags = {SWEEP_TAG: "true", "sweep": str(sweep_dir), "git_commit": first.tags["git_commit"]}
+        name = f"{hc.job.config_name} sweep {'_'.join(sweep_dir.parts[-2:])}"
+        with first.tracker.start_run(first.experiment, name, tags) as parent:
+            parent.log_params(params)
+            for job in jobs:
+                job.parent_run_id = parent.run_id
+            rows = self._run_all(returns, cpus)
+            out = sweep_dir / "sweep"
+            report.write_sweep(rows, out, name)
+            parent.log_artifacts(out, "sweep")
+            parent.log_metrics({"jobs_finished": len(rows), "jobs_unsafe": sum(1 for r in rows if r["stale_tlb_uses"])})
+            failed = [str(k) for k, r in enumerate(returns) if r.status == JobStatus.FAILED]
+            if failed:
+                parent.failure = f"jobs {', '.join(failed)} failed"
+
+    def _run_all(self, returns: list[JobReturn], cpus: float) -> list[dict]:
         """Start jobs, in order, while the ones running leave CPUs for them (each holds its
-        shards' CPUs); a job too big for the cluster starts alone and says so."""
+        shards' CPUs); a job too big for the cluster starts alone and says so. Returns the
+        finished jobs' report rows (their names and summaries)."""
         queue = [r for r in returns if r.status == JobStatus.COMPLETED]
+        rows = []
         parallel = int(self.max_parallel or max(1, cpus))
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="hvbench-job") as pool:
             running: dict[Future, JobReturn] = {}
@@ -115,27 +144,34 @@ class HvbenchLauncher(Launcher):
                         running[pool.submit(ret.return_value)] = ret
                     finished, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
                     for future in finished:
-                        _settle(running.pop(future), future)
+                        rows += _settle(running.pop(future), future)
             except KeyboardInterrupt:
                 sharding.CANCEL.set()  # every job's driver loop raises KeyboardInterrupt: runs KILLED
                 wait(list(running))
                 raise
             finally:
                 sharding.CANCEL.clear()
+        return rows
 
 
 class UsageError(Exception):
     """A job failed on bad input (already reported in one line)."""
 
 
-def _settle(ret: JobReturn, future: Future) -> None:
+def _settle(ret: JobReturn, future: Future) -> list[dict]:
+    """The job's outcome into its JobReturn; its report row if it finished."""
+    job = ret.return_value
     try:
-        ret.return_value = future.result()["stale_tlb_uses"]
+        summary = future.result()
     except (ConfigError, TraceError) as e:
         print(f"hvbench: error: {e}", file=sys.stderr)
         ret.status, ret.return_value = JobStatus.FAILED, UsageError(str(e))
+        return []
     except Exception as e:
         ret.status, ret.return_value = JobStatus.FAILED, e
+        return []
+    ret.return_value = summary["stale_tlb_uses"]
+    return [{k: job.tags[k] for k in ("strategy", "host", "workload", "seed")} | summary]
 
 
 def _held(running: dict[Future, JobReturn]) -> float:

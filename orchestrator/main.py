@@ -20,7 +20,7 @@ from hvmodel.errors import ConfigError
 from hvmodel.metrics import summarize
 from hvmodel.trace import TraceError, save_binary
 from orchestrator import counterexample, report
-from orchestrator.scenario import CONF_DIR, REPO, Scenario, build_scenario
+from orchestrator.scenario import CONF_DIR, GROUPS, REPO, Scenario, build_scenario
 from orchestrator.sharding import Progress, run_shards, shard_plan
 from orchestrator.tracking import git_commit
 
@@ -41,10 +41,8 @@ def job_identity(cfg: DictConfig) -> tuple[str, str, dict]:
     hc = HydraConfig.get()
     choices = hc.runtime.choices
     names = {g: choices.get(g, "?") for g in ("host", "workload", "strategy", "cost", "noise")}
-    # a host preset with fields overridden is another host: say which (x16[isolcpus=9])
-    changed = [o.lstrip("+~").removeprefix("host.") for o in hc.overrides.task if o.lstrip("+~").startswith("host.")]
-    if changed:
-        names["host"] += f"[{','.join(changed)}]"
+    names["host"] += _qualifier(hc.overrides.task, "host")
+    names["workload"] += _qualifier(hc.overrides.task, "workload")
     if hc.mode == RunMode.MULTIRUN:
         sweep = str(Path(hc.sweep.dir))
         experiment = "hvbench-" + "_".join(Path(hc.sweep.dir).parts[-2:])
@@ -62,6 +60,17 @@ def job_identity(cfg: DictConfig) -> tuple[str, str, dict]:
     }
     run_name = f"{names['strategy']}|{names['host']}|{names['workload']}|seed{cfg.seed}"
     return experiment, run_name, tags
+
+
+def _qualifier(overrides, group: str) -> str:
+    """A preset with fields overridden is another host or workload: say which, as in
+    x16[isolcpus=9] or overcommit[lifecycle.zap_per_s=8]. A group an experiment appends
+    (+vm_shape=4x4, experiments/vm_shape/) qualifies the workload, whose fields it sets."""
+    keys = [o.lstrip("~") for o in overrides]
+    changed = [k.lstrip("+").removeprefix(f"{group}.") for k in keys if k.lstrip("+").startswith(f"{group}.")]
+    if group == "workload":
+        changed += [k[1:] for k in keys if k.startswith("+") and "." not in k.split("=")[0] and k[1:].split("=")[0] not in GROUPS]
+    return f"[{','.join(changed)}]" if changed else ""
 
 
 def run(cfg: DictConfig) -> dict:
@@ -85,6 +94,7 @@ class Job:
     params: dict
     save: Path | None
     shrink_s: float  # seconds to shrink the first stale use into a counter-example (0: off)
+    parent_run_id: str | None = None  # the sweep's parent run (orchestrator.launcher), if any
 
     @property
     def cpus(self) -> float:
@@ -121,7 +131,7 @@ def execute(j: Job) -> dict:
     if j.save is not None:
         n = save_binary(scenario.make_trace(), j.save)
         print(f"[hvbench] trace: {n:,} events written to {j.save}", file=sys.stderr)
-    with j.tracker.start_run(j.experiment, run_name, j.tags) as job:
+    with j.tracker.start_run(j.experiment, run_name, j.tags, j.parent_run_id) as job:
         job.log_params(j.params)
         t0 = time.perf_counter()
         progress = Progress(min(j.shards, scenario.topo.numa_nodes), scenario.workload.duration_ns, label=run_name)

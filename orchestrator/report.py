@@ -205,11 +205,22 @@ def rates_line(summary: dict) -> str:
     return f"trace rates per vCPU: {cells} (hvbench-report compares them with real hosts)"
 
 
+def write_sweep(rows: list[dict], out: Path, title: str) -> None:
+    """A sweep's comparison (orchestrator.launcher logs it on the sweep's parent run): the
+    tables as text and Markdown, and the plot."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, md in (("comparison.txt", False), ("comparison.md", True)):
+        text = f"{title}: {len(rows)} finished jobs\n\n{compare_table(rows, md)}\nTrace rates per vCPU:\n\n{rates_table(rows, md)}"
+        write_atomic(out / name, text)
+    if rows:
+        plot_comparison(rows, out / "comparison.png", title)
+
+
 def main(argv: list[str] | None = None) -> int:
     from orchestrator.tracking import load_runs
 
-    p = argparse.ArgumentParser(prog="hvbench-report", description="Compare the strategies of an MLflow experiment.")
-    p.add_argument("experiment", nargs="?", help="experiment name (default: the most recent one)")
+    p = argparse.ArgumentParser(prog="hvbench-report", description="Compare the strategies of an MLflow experiment or sweep.")
+    p.add_argument("experiment", nargs="?", help="experiment name, or a sweep's parent run id (default: the most recent experiment)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///$PWD/mlflow.db)")
     p.add_argument("--plot", default="comparison.png", help="where to write the comparison plot ('' for none)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown (for docs)")
@@ -219,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     except LookupError as e:
         print(f"hvbench-report: error: {e}", file=sys.stderr)
         return 2
-    print(f"experiment {name}: {len(rows)} finished runs\n")
+    print(f"{name}: {len(rows)} finished runs\n")
     print(compare_table(rows, args.markdown))
     print("How realistic the traces were (per vCPU):\n")
     print(rates_table(rows, args.markdown))

@@ -27,6 +27,7 @@ from hvmodel.workloads.base import Workload
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = str(REPO / "conf")
+EXPERIMENTS_DIR = str(REPO / "experiments")  # one primary config per question: hvbench -cn NAME -m
 GROUPS = ("host", "workload", "strategy", "cost", "noise", "cluster", "tracking", "engine")
 
 

@@ -1,8 +1,9 @@
 """The only MLflow importer. Only the driver logs; actors return numbers.
 
-One experiment per sweep (or as named), one run per job. A run is created just before the
-simulation starts and always ends FINISHED, FAILED (with the reason in the `error` tag) or
-KILLED: never left RUNNING.
+One experiment per sweep (or as named), one run per job; a sweep's jobs are the children of
+one parent run (SWEEP_TAG), which holds the sweep's overrides and its comparison table and plot.
+A run is created just before the simulation starts and always ends FINISHED, FAILED (with the
+reason in the `error` tag) or KILLED: never left RUNNING.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 MAX_PARAM_LEN = 6000
+SWEEP_TAG = "hvbench.sweep_parent"  # set on a sweep's parent run; its jobs carry mlflow.parentRunId
+PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 
 
 def default_tracking_uri() -> str:
@@ -51,6 +54,7 @@ class JobRun:
 
     def __init__(self, client: MlflowClient, run_id: str):
         self.client, self.run_id = client, run_id
+        self.failure: str | None = None  # set: the run ends FAILED with this reason, without an exception
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         ts = _now_ms()
@@ -109,7 +113,10 @@ class MlflowTracker:
             pass
 
     @contextmanager
-    def start_run(self, experiment: str, run_name: str, tags: dict[str, object]) -> Iterator[JobRun]:
+    def start_run(self, experiment: str, run_name: str, tags: dict[str, object], parent_run_id: str | None = None) -> Iterator[JobRun]:
+        """A job's run (a child of `parent_run_id` if given), or a sweep's parent run."""
+        if parent_run_id is not None:
+            tags = {**tags, PARENT_TAG: parent_run_id}
         client = self.client()
         with _MLFLOW:
             exp_id = self.experiment_id(client, self.experiment or experiment)
@@ -124,7 +131,10 @@ class MlflowTracker:
         except BaseException as e:
             self._end(client, job.run_id, "FAILED", f"{type(e).__name__}: {e}"[:5000])
             raise
-        self._end(client, job.run_id, "FINISHED")
+        if job.failure is not None:
+            self._end(client, job.run_id, "FAILED", job.failure[:5000])
+        else:
+            self._end(client, job.run_id, "FINISHED")
 
     @staticmethod
     def _end(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
@@ -150,28 +160,65 @@ def git_commit(repo: Path) -> str:
         return os.environ.get("HVBENCH_GIT_COMMIT", "unknown")
 
 
-def load_runs(tracking_uri: str | None, experiment: str | None) -> tuple[str, list[dict]]:
-    """Finished runs of an experiment (the most recently created one if None), as flat dicts
-    with the tags strategy/host/workload/seed and every metric."""
+def load_runs(tracking_uri: str | None, which: str | None) -> tuple[str, list[dict]]:
+    """(title, rows): the finished job runs of an experiment (the most recently created one if
+    None) or of one sweep (`which` is its parent run's id), as flat dicts with the tags
+    strategy/host/workload/seed, every metric, `run_id` and `params` (the job's config)."""
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise LookupError(f"no MLflow store at {uri.removeprefix('sqlite:///')} (run hvbench here first, or pass --tracking-uri)")
     client = MlflowClient(tracking_uri=uri)
-    if experiment is None:
+    parent = _parent_run(client, which)
+    if parent is not None:
+        exp_ids, title = [parent.info.experiment_id], f"sweep {parent.info.run_name} ({parent.info.run_id})"
+        query = f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and attributes.status = 'FINISHED'"
+    else:
+        exp = _experiment(client, which)
+        exp_ids, title, query = [exp.experiment_id], f"experiment {exp.name}", "attributes.status = 'FINISHED'"
+    rows = []
+    for run in client.search_runs(exp_ids, filter_string=query, max_results=5000):
+        if run.data.tags.get(SWEEP_TAG):
+            continue  # a sweep's parent: its children are the rows
+        row = {k: run.data.tags.get(k, "?") for k in ("strategy", "host", "workload", "seed")}
+        row.update(run.data.metrics)
+        row["run_id"], row["params"] = run.info.run_id, run.data.params
+        rows.append(row)
+    return title, rows
+
+
+def latest_sweep(tracking_uri: str | None, experiment: str) -> str:
+    """The run id of the experiment's newest sweep parent run."""
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    exp = _experiment(client, experiment)
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = 'true'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    if not runs:
+        raise LookupError(f"experiment {experiment!r} has no sweep (run it with hvbench -m)")
+    return runs[0].info.run_id
+
+
+def _parent_run(client: MlflowClient, which: str | None):
+    """The sweep parent run whose id is `which`, or None if `which` is not a run id."""
+    if which is None or len(which) != 32 or any(c not in "0123456789abcdef" for c in which):
+        return None
+    try:
+        run = client.get_run(which)
+    except Exception:  # noqa: BLE001 - MlflowException(RESOURCE_DOES_NOT_EXIST): an experiment name then
+        return None
+    if not run.data.tags.get(SWEEP_TAG):
+        raise LookupError(f"run {which} is not a sweep's parent run (hvbench -m creates one per sweep)")
+    return run
+
+
+def _experiment(client: MlflowClient, name: str | None):
+    if name is None:
         exps = [e for e in client.search_experiments(order_by=["creation_time DESC"]) if e.name != "Default"]
         if not exps:
             raise LookupError("no experiments in this tracking store")
-        exp = exps[0]
-    else:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            names = [e.name for e in client.search_experiments() if e.name != "Default"]
-            raise LookupError(f"no experiment {experiment!r}; allowed: {', '.join(names) or '(none)'}")
-    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=5000)
-    rows = []
-    for run in runs:
-        row = {k: run.data.tags.get(k, "?") for k in ("strategy", "host", "workload", "seed")}
-        row.update(run.data.metrics)
-        row["run_id"] = run.info.run_id
-        rows.append(row)
-    return exp.name, rows
+        return exps[0]
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        names = [e.name for e in client.search_experiments() if e.name != "Default"]
+        raise LookupError(f"no experiment {name!r}; allowed: {', '.join(names) or '(none)'}")
+    return exp

@@ -12,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 CONF = str(REPO / "conf")
 HVBENCH = str(Path(sys.executable).parent / "hvbench")
+REPORT = str(Path(sys.executable).parent / "hvbench-report")
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

@@ -17,8 +17,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hvmodel.engine import TIMING_KEYS
+from orchestrator.tracking import SWEEP_TAG
 
-from conftest import HVBENCH, REPO
+from conftest import HVBENCH, REPO, REPORT
 
 CLUSTER = """
 import sys
@@ -33,7 +34,6 @@ sys.stdin.read()
 ray.shutdown()
 cluster.shutdown()
 """
-REPORT = os.path.join(os.path.dirname(sys.executable), "hvbench-report")
 SWEEP = [
     "-m",
     "strategy=upstream,per_root_cpumask",
@@ -48,7 +48,7 @@ SWEEP = [
 def runs_by_strategy(tracking_uri: str) -> dict:
     client = MlflowClient(tracking_uri)
     (exp,) = [e for e in client.search_experiments() if e.name.startswith("hvbench-")]
-    return {r.data.tags["strategy"]: r for r in client.search_runs([exp.experiment_id])}
+    return {r.data.tags["strategy"]: r for r in client.search_runs([exp.experiment_id]) if SWEEP_TAG not in r.data.tags}
 
 
 def hvbench(args, cwd, env=None):
@@ -129,7 +129,7 @@ def test_sweep_logged_to_mlflow_server_and_report(tmp_path, mlflow_server):
     sweep = ["-m", "strategy=upstream,per_root_cpumask,active_roots", "workload=overcommit", "workload.duration_s=0.5"]
     hvbench([*sweep, "tracking=server", f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=server-sweep"], tmp_path)
     client = MlflowClient(mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name("server-sweep").experiment_id])
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("server-sweep").experiment_id]) if SWEEP_TAG not in r.data.tags]
     assert sorted(r.data.tags["strategy"] for r in runs) == ["active_roots", "per_root_cpumask", "upstream"]
     for r in runs:
         assert r.info.status == "FINISHED"

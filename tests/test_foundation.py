@@ -13,8 +13,9 @@ from hvmodel.trace import Ev
 from hvmodel.workloads.overcommit import Overcommit
 from hvmodel.workloads.partitioned_pinned import PartitionedPinned
 from orchestrator.main import run
+from orchestrator.tracking import SWEEP_TAG
 
-from conftest import HVBENCH, compose_cfg
+from conftest import HVBENCH, REPORT, compose_cfg
 
 QUIET = [
     "workload.lifecycle.zap_per_s=0",
@@ -86,8 +87,9 @@ def hvbench(args, cwd, timeout=300):
 @pytest.mark.slow
 def test_multirun_one_experiment_two_runs(tmp_path):
     """`hvbench -m strategy=upstream,active_roots`: two jobs, one MLflow experiment, tagged with
-    the sweep; each job's summary.json equals its MLflow metrics. A host preset with a field
-    overridden is named for it."""
+    the sweep, children of the sweep's parent run (its overrides as params, its comparison as
+    artifacts); each job's summary.json equals its MLflow metrics; hvbench-report reads the
+    sweep by its parent run. A host preset with a field overridden is named for it."""
     sweep = tmp_path / "sweep"
     args = ["-m", "strategy=upstream,active_roots", f"hydra.sweep.dir={sweep}", "workload.duration_s=0.5", "host.x2apic_cluster_size=8"]
     out = hvbench(args, tmp_path)
@@ -95,9 +97,18 @@ def test_multirun_one_experiment_two_runs(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exps = [e for e in client.search_experiments() if e.name.startswith("hvbench-")]
     assert len(exps) == 1
-    runs = client.search_runs([exps[0].experiment_id])
+    found = client.search_runs([exps[0].experiment_id])
+    (parent,) = [r for r in found if r.data.tags.get(SWEEP_TAG) == "true"]
+    runs = [r for r in found if r is not parent]
+    assert parent.info.status == "FINISHED" and parent.data.params["overrides"] == " ".join(args[1:])
+    assert parent.data.metrics["jobs_finished"] == 2
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} == {f"sweep/comparison.{x}" for x in ("txt", "md", "png")}
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
     assert sorted(r.data.tags["strategy"] for r in runs) == ["active_roots", "upstream"]
     assert {r.data.tags["sweep"] for r in runs} == {str(sweep)}
+    report = subprocess.run([REPORT, parent.info.run_id, "--plot", ""], cwd=tmp_path, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    assert f"({parent.info.run_id}): 2 finished runs" in report.stdout
     for r in runs:
         assert r.info.status == "FINISHED"
         assert r.data.tags["host"] == "x16[x2apic_cluster_size=8]"

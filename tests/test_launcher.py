@@ -13,14 +13,18 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from orchestrator.tracking import SWEEP_TAG
+
 from conftest import HVBENCH
 
 STRATEGIES = "strategy=upstream,active_roots,per_root_cpumask,root_generation"
 
 
-def runs(tmp_path: Path) -> list:
+def runs(tmp_path: Path, parents: bool = False) -> list:
+    """The jobs' runs (or, with parents, the sweeps' parent runs)."""
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    found = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    return [r for r in found if (SWEEP_TAG in r.data.tags) == parents]
 
 
 def running_runs(db: Path) -> int:
@@ -88,7 +92,7 @@ def test_ctrl_c_kills_running_jobs_starts_no_queued_one_leaves_no_ray(tmp_path):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 180
-    while running_runs(tmp_path / "mlflow.db") < 2:
+    while running_runs(tmp_path / "mlflow.db") < 3:  # the sweep's parent run and two jobs
         assert time.monotonic() < deadline and proc.poll() is None, "the jobs did not start"
         time.sleep(1)
     time.sleep(3)  # the jobs are replaying on their shard actors now
@@ -101,5 +105,6 @@ def test_ctrl_c_kills_running_jobs_starts_no_queued_one_leaves_no_ray(tmp_path):
     assert {r.info.status for r in found} == {"KILLED"}, [(r.data.tags["strategy"], r.info.status) for r in found]
     assert len(found) == 2, "two jobs ran on the two CPUs; the queued two never started"
     assert all(r.data.tags["error"] == "interrupted" for r in found)
+    assert [r.info.status for r in runs(tmp_path, parents=True)] == ["KILLED"], "the sweep's parent run ends with its jobs"
     time.sleep(2)
     assert not alive(ray_processes), "Ray processes outlived the sweep"
