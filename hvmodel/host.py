@@ -38,16 +38,16 @@ NR_CPUS_MAX = 8192  # x86-64 NR_CPUS_RANGE_END with CPUMASK_OFFSTACK (MAXSMP)
 ENVIRONMENTS = ("bare_metal", "hyperv")
 
 
-def parse_cpulist(text: str, nr_cpus: int) -> list[int]:
+def parse_cpulist(text: str, nr_cpus: int, key: str = "host.isolcpus") -> list[int]:
     """Kernel cpulist syntax ("0-3,8,10-11"), as in isolcpus= and /sys/devices/system/cpu/*."""
     cpus: list[int] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         lo, _, hi = part.partition("-")
         if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise ConfigError("host.isolcpus", f"bad cpulist element {part!r}")
+            raise ConfigError(key, f"bad cpulist element {part!r}")
         a, b = int(lo), int(hi or lo)
         if not a <= b < nr_cpus:
-            raise ConfigError("host.isolcpus", f"{part!r} is outside 0-{nr_cpus - 1}")
+            raise ConfigError(key, f"{part!r} is outside 0-{nr_cpus - 1}")
         cpus.extend(range(a, b + 1))
     return cpus
 
@@ -60,12 +60,19 @@ class Topology:
     of each core, SMT siblings follow at +cores. A core's NUMA node is core // cores_per_node.
     Unless `isolcpus` is given, the first `housekeeping_per_node` cores of each node (both
     threads) are housekeeping and every other CPU is RT-isolated.
+
+    `smt_cores` (a cpulist of core numbers) describes a host with SMT on only some cores, as a
+    BIOS that disables SMT per core, or a hybrid part, enumerates it: only those cores have
+    `smt` threads, and their siblings follow the first threads in core order (core c's k-th
+    sibling is CPU cores + (k-1) * len(smt_cores) + its rank among smt_cores). nr_cpus then
+    counts every thread: cores + (smt - 1) * len(smt_cores).
     """
 
     nr_cpus: int
     sockets: int = 1
     numa_nodes: int = 1
     smt: int = 2
+    smt_cores: str | None = None  # cores with SMT on (cpulist of core numbers); None: every core
     housekeeping_per_node: int = 1
     isolcpus: str | None = None
     x2apic_cluster_size: int = 16  # 16 in x2APIC cluster mode; 1 means physical mode
@@ -92,8 +99,12 @@ class Topology:
                 raise ConfigError(f"host.{key}", f"must be >= 1, got {getattr(self, key)}")
         if self.numa_nodes % self.sockets:
             raise ConfigError("host.numa_nodes", f"{self.numa_nodes} nodes do not split over {self.sockets} sockets")
-        if self.nr_cpus % (self.smt * self.numa_nodes):
+        if isinstance(self.smt_cores, int) and not isinstance(self.smt_cores, bool):
+            object.__setattr__(self, "smt_cores", str(self.smt_cores))
+        if self.smt_cores is None and self.nr_cpus % (self.smt * self.numa_nodes):
             raise ConfigError("host.nr_cpus", f"{self.nr_cpus} CPUs do not split into {self.numa_nodes} nodes x smt {self.smt}")
+        if self.smt_cores is not None:
+            self._check_smt_cores()
         if not 0 <= self.housekeeping_per_node <= self.cores_per_node:
             raise ConfigError("host.housekeeping_per_node", f"must be in 0..{self.cores_per_node}")
         if self.rt_mask().all():
@@ -102,17 +113,38 @@ class Topology:
                 "at least one CPU must stay housekeeping (the kernel and VMM threads run there)",
             )
 
+    def _check_smt_cores(self) -> None:
+        if not isinstance(self.smt_cores, str):
+            raise ConfigError("host.smt_cores", f"must be a cpulist of core numbers such as 0-7, got {self.smt_cores!r}")
+        if self.smt < 2:
+            raise ConfigError("host.smt_cores", "needs host.smt >= 2 (the threads of the cores it names)")
+        if self.cores < 1 or self.cores % self.numa_nodes:
+            raise ConfigError(
+                "host.smt_cores", f"{self.nr_cpus} CPUs minus the siblings leave {self.cores} cores: not {self.numa_nodes} equal nodes"
+            )
+        self._smt_core_list(self.cores)  # every named core exists
+
     @property
     def cores(self) -> int:
-        return self.nr_cpus // self.smt
+        if self.smt_cores is None:
+            return self.nr_cpus // self.smt
+        return self.nr_cpus - (self.smt - 1) * len(self._smt_core_list(NR_CPUS_MAX))
+
+    def _smt_core_list(self, cores: int) -> list[int]:
+        return sorted(set(parse_cpulist(self.smt_cores, cores, key="host.smt_cores")))
+
+    def core_of(self) -> np.ndarray:
+        """Each CPU's core: first threads in order, then the siblings (see the class)."""
+        if self.smt_cores is None:
+            return np.arange(self.nr_cpus) % self.cores
+        return np.concatenate([np.arange(self.cores), np.tile(self._smt_core_list(self.cores), self.smt - 1)])
 
     @property
     def cores_per_node(self) -> int:
         return self.cores // self.numa_nodes
 
     def node_of(self) -> np.ndarray:
-        core = np.arange(self.nr_cpus) % self.cores
-        return core // self.cores_per_node
+        return self.core_of() // self.cores_per_node
 
     def rt_mask(self) -> np.ndarray:
         """True for RT-isolated CPUs (isolcpus=/nohz_full=), False for housekeeping."""
@@ -120,8 +152,7 @@ class Topology:
             mask = np.zeros(self.nr_cpus, dtype=bool)
             mask[parse_cpulist(self.isolcpus, self.nr_cpus)] = True
             return mask
-        core = np.arange(self.nr_cpus) % self.cores
-        return core % self.cores_per_node >= self.housekeeping_per_node
+        return self.core_of() % self.cores_per_node >= self.housekeeping_per_node
 
     def node_cpus(self, node: int) -> np.ndarray:
         return np.flatnonzero(self.node_of() == node)

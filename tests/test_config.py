@@ -55,3 +55,33 @@ def test_host_shapes():
         seen[topo.nr_cpus] = topo.env
     assert {64, 384, 1920, 8192} <= set(seen)
     assert seen[64] == "hyperv" and seen[8192] == "bare_metal"
+
+
+def test_a_host_with_smt_on_some_cores():
+    """host.smt_cores: only the named cores have SMT siblings, numbered after the first
+    threads in core order (as Linux enumerates such a host); a sibling shares its core's node
+    and housekeeping/RT role, and both engines replay a workload on it identically."""
+    from hvmodel.engine import TIMING_KEYS, simulate
+    from hvmodel.errors import ConfigError
+    from hvmodel.fast.engine import FastEngine
+    from hvmodel.strategies.active_roots import ActiveRoots
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["host.nr_cpus=20", "host.numa_nodes=2", "host.smt_cores='0,1,8,9'", "workload.duration_s=0.3"])
+    scenario = build_scenario(cfg)
+    topo = scenario.topo
+    assert topo.cores == 16 and topo.cores_per_node == 8
+    assert topo.node_of().tolist() == [0] * 8 + [1] * 8 + [0, 0, 1, 1]
+    assert topo.rt_mask().tolist() == [False] + [True] * 7 + [False] + [True] * 7 + [False, True, False, True]
+    trace = scenario.make_trace()
+    ref, fast = (
+        {k: v for k, v in simulate(trace, topo, ActiveRoots(), engine=e)[1].items() if k not in TIMING_KEYS} for e in (None, FastEngine)
+    )
+    assert ref == fast and ref["events"] > 100
+    for bad, msg in (("host.smt_cores='0-3,19'", "'19' is outside 0-14"), ("host.smt_cores=x", "bad cpulist element")):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose("config", overrides=["host.nr_cpus=20", bad])
+        with pytest.raises(ConfigError, match=f"host.smt_cores: .*{msg}"):
+            build_scenario(cfg)
