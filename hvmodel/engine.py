@@ -194,6 +194,11 @@ class Engine:
         if len(chunk):
             self.sim_ns = cols[0][-1]
 
+    def flush_overhead_us(self) -> np.ndarray:
+        """flush_overhead_us per pCPU so far (the closed loop's question, between chunks): a
+        view, current until the next replay."""
+        return self.host.metrics.cpu_f["flush_overhead_us"]
+
     def result(self, end_ns: int | None = None) -> dict:
         """The raw result (metrics.Metrics.result()); call once, after the last chunk. `end_ns`:
         the trace's end (its duration), where open guest-mode, steal and lifetime intervals

@@ -253,6 +253,19 @@ def trace_rates(pc: dict, vm: dict) -> dict:
     }
 
 
+def closed_loop_summary(stats: dict) -> dict:
+    """The closed loop's own keys (hvmodel/closed_loop.py; a closed-loop run only: in the open
+    loop the delay and the extra migrations are 0 and every completed boot takes exactly
+    lifecycle.boot_s). vm_boot_ms_mean is over the boots that completed in the trace."""
+    boots = int(stats["boots"])
+    return {
+        "closed_loop_delay_us": stats["delay_ns"] / 1000,  # flush time turned into later stint ends and boot steps
+        "closed_loop_extra_migrations": int(stats["extra_migrations"]),  # wake-ups moved off an idle last pCPU by the host's flush load
+        "vm_boots": boots,
+        "vm_boot_ms_mean": stats["boot_ns"] / boots / 1e6 if boots else 0.0,
+    }
+
+
 def summarize(result: dict, rt_mask: np.ndarray, sim_seconds: float) -> dict:
     """The flat metric dict of DESIGN.md §6 (keys of summary.json and MLflow metric names)."""
     pc, vm = result["per_cpu"], result["vm"]
@@ -290,6 +303,8 @@ def summarize(result: dict, rt_mask: np.ndarray, sim_seconds: float) -> dict:
         for key in RATE_KEYS:
             out[f"{key}_per_s"] = out[key] / sim_seconds
     out.update(trace_rates(pc, vm))
+    if "closed_loop" in result:
+        out.update(closed_loop_summary(result["closed_loop"]))
     for k, v in out.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise AssertionError(f"metric {k} is not finite: {v}")

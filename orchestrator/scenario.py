@@ -6,6 +6,7 @@ Everything is instantiated from `_target_`; this module never dispatches on name
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
+from hvmodel import closed_loop
 from hvmodel.cost import CostModel
 from hvmodel.errors import ConfigError
 from hvmodel.fast.engine import FastEngine
@@ -45,8 +47,20 @@ class Scenario:
     max_examples: int = 10
 
     def make_trace(self) -> Trace:
-        """A fresh trace, from a copy of the workload: generators keep their running state on it."""
+        """A fresh trace, from a copy of the workload: generators keep their running state on it.
+        Closed loop: the trace this job's strategy and cost make (hvmodel/closed_loop.py), each
+        iteration running the loop against a fresh engine (what `trace.save` writes)."""
+        if self.workload.closed_loop:
+            return closed_loop.trace(self.workload, self.topo, self.seed, self.make_engine, self.closed_loop_meta())
         return copy.deepcopy(self.workload).trace(self.topo, self.seed)
+
+    def make_loop(self, engine) -> closed_loop.ClosedLoop:
+        """The closed loop of this job driving `engine` (a fresh one owning every pCPU)."""
+        return closed_loop.ClosedLoop(self.workload, self.topo, self.seed, engine, self.closed_loop_meta())
+
+    def closed_loop_meta(self) -> dict:
+        """What a closed-loop trace depends on besides the workload, host and seed."""
+        return {"strategy": self.strategy.name, "cost": dataclasses.asdict(self.cost)}
 
     def make_engine(self, owned_nodes=None, local_nodes=None):
         """An engine for the pCPUs of `owned_nodes` (all if None), replaying only the VMs of
@@ -98,6 +112,8 @@ def build_scenario(cfg: DictConfig) -> Scenario:
         raise ConfigError("shrink_s", f"must be a number of seconds >= 0, got {cfg.shrink_s!r}")
     if not isinstance(cfg.shards, int) or cfg.shards < 1:
         raise ConfigError("shards", f"must be an integer >= 1, got {cfg.shards!r}")
+    if workload.closed_loop and cfg.shards > 1:
+        raise ConfigError("workload.closed_loop", f"runs in one shard (generator and engine in lockstep); got shards={cfg.shards}")
     return Scenario(
         topo=topo,
         workload=workload,

@@ -14,6 +14,8 @@ VM-level work with the other shards depends on the trace (hvmodel.split):
   only the per-pCPU work is split.
 
 Either way the merged result equals the 1-shard result, bit for bit (tests/test_sharding.py).
+A closed-loop job (workload.closed_loop=true, hvmodel/closed_loop.py) is one shard: its
+generator runs in lockstep with that shard's engine.
 The trace is generated inside each actor from the (small) scenario, which goes through the
 object store once; nothing per event crosses process boundaries but the broadcasts.
 """
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hvmodel.closed_loop import ClosedLoop
 from hvmodel.errors import ConfigError
 from hvmodel.metrics import merge
 from hvmodel.trace import Trace, TraceError
@@ -61,7 +64,13 @@ class ShardRunner:
     def __init__(self, scenario: Scenario, nodes: list[int], split: bool = False):
         self.split = split
         self.engine = scenario.make_engine(nodes, local_nodes=nodes if split else None)
-        if split:
+        self.loop: ClosedLoop | None = None  # closed loop: it replays the events as it makes them
+        if scenario.workload.closed_loop:
+            check_closed_loop(scenario, [nodes])
+            self.loop = scenario.make_loop(self.engine)
+            self.trace = self.loop.trace
+            self.chunks = ((c, None, None) for c in self.trace)
+        elif split:
             self.chunks, self.trace = scenario.local_chunks(nodes)
         else:
             self.trace = scenario.make_trace()
@@ -81,6 +90,8 @@ class ShardRunner:
         return part
 
     def _replay(self, chunk: np.ndarray, keys: np.ndarray | None, at: np.ndarray | None) -> None:
+        if self.loop is not None:  # the loop replayed it already
+            return
         t0 = time.perf_counter()
         base = self.engine.events
         self.engine.replay(chunk, self.trace if at is None else _Where(self.trace, at, base))
@@ -156,7 +167,11 @@ class ShardRunner:
         end = self.trace.duration_ns if self.trace.duration_ns is not None else self.engine.sim_ns
         out = self.engine.result(end)
         out["duration_ns"] = end
-        out.update(replay_s=self.replay_s, gen_s=self.gen_s, node_id=_ray_node_id(), engine=self.engine.engine)
+        replay_s, gen_s = self.replay_s, self.gen_s
+        if self.loop is not None:  # the loop's engine time was spent inside "generation"
+            out["closed_loop"] = self.loop.stats()
+            replay_s, gen_s = self.loop.replay_s, gen_s - self.loop.replay_s
+        out.update(replay_s=replay_s, gen_s=gen_s, node_id=_ray_node_id(), engine=self.engine.engine)
         out["mask_series"] = self.mask_series
         return out
 
@@ -301,8 +316,9 @@ def run_shards(scenario: Scenario, cluster, shards: int, progress: Progress | No
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    cluster.ensure()
     plan = shard_plan(scenario.topo.numa_nodes, shards)
+    check_closed_loop(scenario, plan)
+    cluster.ensure()
     needed, total = len(plan) * cluster.cpus_per_shard, ray.cluster_resources().get("CPU", 0)
     if needed > total:  # the shards run together (a window's broadcasts go from each to every other)
         per = f"cluster.cpus_per_shard={cluster.cpus_per_shard:g}"
@@ -424,6 +440,7 @@ def step_windows(call, n: int, progress=None) -> list[dict]:
 def run_in_process(scenario: Scenario, shards: int) -> dict:
     """run_shards without Ray: every shard in this process, one after another (tests)."""
     plan = shard_plan(scenario.topo.numa_nodes, shards)
+    check_closed_loop(scenario, plan)
     split = len(plan) > 1 and scenario.node_local()
     runners = [ShardRunner(scenario, nodes, split) for nodes in plan]
     if split and scenario.strategy.on_each_cpu:
@@ -431,6 +448,13 @@ def run_in_process(scenario: Scenario, shards: int) -> dict:
     else:
         results = [r.run() for r in runners]
     return merge(results, scenario.max_examples, split=split)
+
+
+def check_closed_loop(scenario: Scenario, plan: list[list[int]]) -> None:
+    """A closed-loop job is one shard owning every NUMA node: its generator asks the engine
+    about every pCPU (orchestrator.scenario.build_scenario refuses shards > 1 already)."""
+    if scenario.workload.closed_loop and (len(plan) > 1 or plan[0] != list(range(scenario.topo.numa_nodes))):
+        raise ConfigError("workload.closed_loop", f"runs in one shard (generator and engine in lockstep); got {len(plan)} shards")
 
 
 def _failed(ref) -> bool:

@@ -100,7 +100,8 @@ def test_multirun_one_experiment_two_runs(tmp_path):
     found = client.search_runs([exps[0].experiment_id])
     (parent,) = [r for r in found if r.data.tags.get(SWEEP_TAG) == "true"]
     runs = [r for r in found if r is not parent]
-    assert parent.info.status == "FINISHED" and parent.data.params["overrides"] == " ".join(a for a in args[1:] if not a.startswith("hydra."))
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["overrides"] == " ".join(a for a in args[1:] if not a.startswith("hydra."))
     assert parent.data.metrics["jobs_finished"] == 2
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} == {f"sweep/comparison.{x}" for x in ("txt", "md", "png")}
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}

@@ -2,7 +2,11 @@
 
 A generator is a small discrete-event simulation (DES) of the *host's* behaviour: VM lifecycle,
 the scheduler, mmu-notifier zaps, firmware SMM, nested guests. It never looks at KVM's flush
-state, so a trace depends on the workload parameters and the seed only (open loop).
+state, so a trace depends on the workload parameters and the seed only (open loop). The one
+exception is `workload.closed_loop=true` (hvmodel/closed_loop.py): the reference streams then run
+in lockstep with an engine, which they ask (through `VmFleet.loop`) how much flush time it
+charged to a vCPU, and the trace depends on the strategy and cost model too. With `loop` None,
+the default, none of that code runs and every draw and push is the open loop's.
 
 A trace is the merge of one or more *streams*. A stream is one DES with its own heap and its own
 RNG, running one fleet of VMs (`VmFleet`): one NUMA node's pinned partitions, or every VM of an
@@ -136,7 +140,7 @@ class Sim:
 
 
 class Vm:
-    __slots__ = ("id", "node", "hk", "cpus", "alive", "running", "booting", "gen")
+    __slots__ = ("id", "node", "hk", "cpus", "alive", "running", "booting", "gen", "lag", "boot_t")
 
     def __init__(self, vm_id: int, node: int, hk: int, cpus: list[int]):
         self.id, self.node, self.hk, self.cpus = vm_id, node, hk, cpus
@@ -144,6 +148,10 @@ class Vm:
         self.running = [False] * len(cpus)  # loaded (between vcpu_load and vcpu_put)
         self.booting = True
         self.gen = 0  # bumped at each (re)boot: callbacks of an earlier boot are dropped
+        # closed loop only (always 0 in the open loop): ns the VM's boot timeline has slipped
+        # by vCPU 0's flush time, and when the current boot began
+        self.lag = 0
+        self.boot_t = 0
 
     def current(self, gen: int) -> bool:
         return self.alive and not self.booting and gen == self.gen
@@ -169,6 +177,7 @@ class VmFleet:
         self.rng = rng
         self.sim = Sim(rng, duration_ns)
         self.lifecycle = lifecycle
+        self.loop = None  # the closed loop (hvmodel.closed_loop.ClosedLoop) driving this stream, if any
         # VM ids: first_vm, first_vm + stride, ...; they must stay below vm_id_limit, where
         # another stream's ids (or the int32 field's end) begin.
         self.next_vm, self.vm_id_stride, self.vm_id_limit = first_vm, vm_id_stride, vm_id_limit
@@ -201,24 +210,25 @@ class VmFleet:
     def start_life(self, t: int, vm: Vm, slot: int) -> None:
         """(Re)boot: the firmware runs, the other vCPUs come up, and a lifetime starts."""
         self.firmware(t, vm)
-        self.sim.at(t + int(self.lifecycle.boot_s * NS), self.booted, vm, slot)
-        self.sim.at(t + self.sim.exp_ns(self.lifecycle.lifetime_s), self.end_of_life, vm, slot)
+        self.sim.at(t + int(self.lifecycle.boot_s * NS), self.booted, vm, slot, vm.lag)
+        self.sim.at(t + self.sim.exp_ns(self.lifecycle.lifetime_s), self.end_of_life, vm, slot, vm.lag)
 
     def firmware(self, t: int, vm: Vm) -> None:
         """Boot: vCPU 0 runs the firmware (SMM transitions), the VMM remaps memslots."""
         lc = self.lifecycle
         vm.booting = True
         vm.gen += 1
+        vm.boot_t = t
         self.place_vcpu(t, vm, 0)
         step = int(lc.boot_s * NS) // (lc.boot_steps + 1)
         order = ["smm"] * lc.boot_smm_transitions + ["memslot"] * lc.boot_memslot_deletes
         self.rng.shuffle(order)
         for k, what in enumerate(order, 1):
-            self.sim.at(t + k * step, self.boot_step, vm, what)
+            self.sim.at(t + k * step, self.boot_step, vm, what, vm.lag)
 
-    def boot_step(self, t: int, vm: Vm, what: str) -> None:
+    def boot_step(self, t: int, vm: Vm, what: str, lag: int) -> None:
         # Only `alive` is checked: a step of an earlier boot of this VM still runs (see booted).
-        if not vm.alive:
+        if not vm.alive or self.boot_slipped(t, vm, lag, self.boot_step, vm, what):
             return
         if what == "memslot":
             self.sim.emit(t, Ev.MEMSLOT_DELETE, vm.id, pcpu=vm.hk)
@@ -227,11 +237,13 @@ class VmFleet:
             for kind in (Ev.SMM_ENTER, Ev.VM_ENTRY, Ev.SMM_EXIT, Ev.VM_ENTRY):
                 self.sim.emit(t, kind, vm.id, 0)
 
-    def booted(self, t: int, vm: Vm, slot: int) -> None:
+    def booted(self, t: int, vm: Vm, slot: int, lag: int) -> None:
         # Only `alive` is checked, not the boot generation: when a lifetime ends (in a reboot)
         # before its boot did, that earlier boot's `booted` still brings the vCPUs up.
-        if not vm.alive:
+        if not vm.alive or self.boot_slipped(t, vm, lag, self.booted, vm, slot):
             return
+        if self.loop is not None:
+            self.loop.booted(t - vm.boot_t)
         vm.booting = False
         for i in range(1, len(vm.cpus)):  # secondary vCPUs come up after the firmware (INIT-SIPI)
             self.place_vcpu(t, vm, i)
@@ -242,8 +254,8 @@ class VmFleet:
             self.sim.emit(t, Ev.ZAP, vm.id, pcpu=vm.hk)
             self.sim.at(t + self.sim.exp_ns(1 / self.lifecycle.zap_per_s), self.zap, vm)
 
-    def end_of_life(self, t: int, vm: Vm, slot: int) -> None:
-        if not vm.alive:
+    def end_of_life(self, t: int, vm: Vm, slot: int, lag: int) -> None:
+        if not vm.alive or self.boot_slipped(t, vm, lag, self.end_of_life, vm, slot):
             return
         lc = self.lifecycle
         if self.rng.random() < lc.reboot_fraction:  # guest reboot: firmware again, same VM
@@ -256,6 +268,35 @@ class VmFleet:
         vm.alive = False
         self.sim.emit(t, Ev.VM_DESTROY, vm.id, pcpu=vm.hk)
         self.replace(t + int(lc.respawn_s * NS), vm, slot)
+
+    # -- the closed loop (no-ops while `loop` is None) ------------------------------------
+    def boot_slipped(self, t: int, vm: Vm, lag: int, fn: Callable, *args) -> bool:
+        """Closed loop: the firmware's work is vCPU 0's, so the flush time charged to vCPU 0
+        while the VM boots adds to the VM's lag, and every callback of this boot's timeline
+        (boot steps, booted, the end of its lifetime: a sandbox's lifetime runs on from a late
+        boot) comes that much later. A callback pushed when the lag was `lag` is pushed again
+        at t + (vm.lag - lag); True if it was."""
+        if self.loop is None:
+            return False
+        if vm.booting:
+            vm.lag += self.loop.take_debt(vm.id, 0)
+        if vm.lag <= lag:
+            return False
+        self.sim.at(t + vm.lag - lag, fn, *args, vm.lag)
+        return True
+
+    def stint_slipped(self, t: int, vm: Vm, i: int, fn: Callable, *args) -> bool:
+        """Closed loop: a HLT (fn(t, *args)) ends the guest's work of a run stint; the flush
+        time charged to the vCPU's pCPU since it last looked did none of that work, so the HLT
+        comes that much later (and is asked again then: more may accrue meanwhile). True if it
+        was pushed back."""
+        if self.loop is None:
+            return False
+        delay = self.loop.take_debt(vm.id, i)
+        if delay <= 0:
+            return False
+        self.sim.at(t + delay, fn, *args)
+        return True
 
     # -- scheduling hooks -----------------------------------------------------------------
     def place_vcpu(self, t: int, vm: Vm, i: int) -> None:
@@ -803,14 +844,18 @@ class Workload:
 
     name = "workload"
     generates_by_node = True  # trace(nodes=) makes a node-local workload's nodes alone
+    closed_loop = False  # hvmodel/closed_loop.py: the trace depends on the strategy (one shard)
 
-    def __init__(self, duration_s: float = 2.0, chunk_events: int = 1 << 16):
+    def __init__(self, duration_s: float = 2.0, chunk_events: int = 1 << 16, closed_loop: bool = False):
         positive("duration_s", duration_s, allow_zero=False)
         if chunk_events < 1:
             raise ConfigError("workload.chunk_events", f"must be >= 1, got {chunk_events}")
+        if not isinstance(closed_loop, bool):
+            raise ConfigError("workload.closed_loop", f"must be true or false, got {closed_loop!r}")
         self.duration_s = duration_s
         self.duration_ns: int | None = int(duration_s * NS)  # None when only the trace knows
         self.chunk_events = chunk_events
+        self.closed_loop = closed_loop
 
     def rng(self, seed: int, *stream: int) -> np.random.Generator:
         """The RNG of one stream: keyed by the workload's name, the seed and the stream's key."""
@@ -825,7 +870,11 @@ class Workload:
     def trace(self, topo: Topology, seed: int, nodes: Sequence[int] | None = None, reference: bool = False) -> Trace:
         """The trace on `topo` for `seed`. `nodes`: generate only the VMs of these NUMA nodes (a
         node-local workload only): the full trace filtered to them, in the same order.
-        `reference`: run the Python reference instead of the compiled generator (same bytes)."""
+        `reference`: run the Python reference instead of the compiled generator (same bytes).
+        A closed-loop workload has no trace of its own: it needs the engine it runs against
+        (hvmodel.closed_loop.trace)."""
+        if self.closed_loop:
+            raise ValueError(f"workload {self.name} has closed_loop=true: its trace comes from hvmodel.closed_loop.trace(..., engine)")
         meta = {"workload": self.name, "seed": seed, "host": topo.name, "generator_version": GENERATOR_VERSION}
         if nodes is None:
             nodes = range(topo.numa_nodes)

@@ -85,8 +85,9 @@ class Overcommit(Workload):
         nested: dict | None = None,
         lifecycle: dict | None = None,
         chunk_events: int = 1 << 16,
+        closed_loop: bool = False,
     ):
-        super().__init__(duration_s, chunk_events)
+        super().__init__(duration_s, chunk_events, closed_loop)
         self.lifecycle = VmLifecycle(**(lifecycle or {}))
         self.lifecycle.validate()
         if cpuset not in ("isolated", "housekeeping", "all"):
@@ -167,15 +168,33 @@ class SharedCpuset(VmFleet):
         if vm.running[i] or (vm, i) in self.queue:
             return
         last = self.last_cpu.get((vm.id, i), -1)
-        if last in self.idle and self.rng.random() < self.workload.wake_affinity:
+        stay = moved_by_load = False
+        if last in self.idle:
+            u = self.rng.random()
+            stay = u < self.affinity(t)
+            moved_by_load = not stay and u < self.workload.wake_affinity  # the open loop would have stayed
+        if stay:
             cpu = last
         elif len(self.idle):
             cpu = self.idle.pick(self.rng)
+            if moved_by_load and cpu != last:
+                self.loop.extra_migrations += 1
         else:
             self.queue.append((vm, i))
             return
         self.idle.remove(cpu)
         self.dispatch(t, cpu, vm, i)
+
+    def affinity(self, t: int) -> float:
+        """The chance a waking vCPU stays on its idle last pCPU: `wake_affinity`; in the closed
+        loop scaled by 1 - the host's flush load (ClosedLoop.load: the share of all pCPUs'
+        time charged to flush work in the last scheduler tick). A modelling assumption, not a
+        measured law: a host busy with flush work (its pCPUs trapping to L0 for INVEPT, taking
+        IPIs, refilling) looks loaded to the scheduler's wake-up and balancing paths, so fewer
+        wake-ups find their previous CPU the cheap choice."""
+        if self.loop is None:
+            return self.workload.wake_affinity
+        return self.workload.wake_affinity * (1.0 - self.loop.load(t))
 
     def dispatch(self, t: int, cpu: int, vm: Vm, i: int) -> None:
         self.last_cpu[(vm.id, i)] = cpu
@@ -224,10 +243,21 @@ class SharedCpuset(VmFleet):
                 self.sim.emit(t, Ev.NEED_RESCHED, vm.id, i)
                 self.sim.at(t + int(self.workload.resched_us * US), self.preempt, vm, i, cpu, gen)
             else:
-                self.stop_vcpu(t, vm, i, PUT_HALT)
-                self.sim.at(t + self.slice_ns(self.workload.sleep_ms), self.wake, vm, i, gen)
+                self.halt(t, vm, i, cpu, gen)
         else:
             self.sim.at(t + self.slice_ns(self.workload.run_ms), self.slice_end, vm, i, cpu, gen)
+
+    def halt(self, t: int, vm: Vm, i: int, cpu: int, gen: int) -> None:
+        """The guest has done its work and runs HLT: the vCPU thread sleeps. Closed loop: the
+        flush time charged to it since it last halted did none of that work, so the HLT comes
+        that much later. A preemption does not wait: the scheduler's slice is wall time, flush
+        work included, and the debt waits for the vCPU's next HLT."""
+        if not vm.current(gen) or not vm.running[i] or vm.cpus[i] != cpu:
+            return  # closed loop: the vCPU was stopped while its HLT was pushed back
+        if self.stint_slipped(t, vm, i, self.halt, vm, i, cpu, gen):
+            return
+        self.stop_vcpu(t, vm, i, PUT_HALT)
+        self.sim.at(t + self.slice_ns(self.workload.sleep_ms), self.wake, vm, i, gen)
 
     def preempt(self, t: int, vm: Vm, i: int, cpu: int, gen: int) -> None:
         """resched_us after the scheduler set TIF_NEED_RESCHED (a wakeup or the tick), the

@@ -62,8 +62,9 @@ class PartitionedPinned(Workload):
         guest_flush_per_stint: float = 0.033,
         lifecycle: dict | None = None,
         chunk_events: int = 1 << 16,
+        closed_loop: bool = False,
     ):
-        super().__init__(duration_s, chunk_events)
+        super().__init__(duration_s, chunk_events, closed_loop)
         self.lifecycle = VmLifecycle(**(lifecycle or {}))
         self.lifecycle.validate()
         if not vm_vcpus or any(not 1 <= n <= 1024 for n in vm_vcpus):
@@ -154,6 +155,8 @@ class PinnedNode(VmFleet):
     def halt(self, t: int, vm: Vm, i: int, gen: int) -> None:
         """HLT: the vCPU thread blocks (vcpu_put) and wakes later on its own pCPU."""
         if vm.current(gen) and vm.running[i]:
+            if self.stint_slipped(t, vm, i, self.halt, vm, i, gen):
+                return
             self.stop_vcpu(t, vm, i, PUT_HALT)
             self.sim.at(t + max(1, int(self.rng.exponential(self.workload.halt_us) * US)), self.wake, vm, i, gen)
 

@@ -27,8 +27,16 @@ class RtMixed(Workload):
 
     name = "rt_mixed"
 
-    def __init__(self, duration_s: float = 2.0, rt: dict | None = None, best_effort: dict | None = None, chunk_events: int = 1 << 16):
-        super().__init__(duration_s, chunk_events)
+    def __init__(
+        self,
+        duration_s: float = 2.0,
+        rt: dict | None = None,
+        best_effort: dict | None = None,
+        chunk_events: int = 1 << 16,
+        closed_loop: bool = False,
+    ):
+        # closed_loop is the whole host's (one loop drives both halves' streams), not a half's
+        super().__init__(duration_s, chunk_events, closed_loop)
         self.rt = PartitionedPinned(duration_s, chunk_events=chunk_events, **_part(rt, PartitionedPinned, "rt", None))
         self.best_effort = Overcommit(duration_s, chunk_events=chunk_events, **_part(best_effort, Overcommit, "best_effort", "cpuset"))
 
@@ -54,7 +62,7 @@ class RtMixed(Workload):
 def _part(params: dict | None, cls: type, where: str, owned_key: str | None) -> dict:
     """Parameters of one half of rt_mixed, checked against that generator's own keys."""
     params = dict(params or {})
-    allowed = [p for p in inspect.signature(cls).parameters if p not in ("duration_s", "chunk_events", owned_key)]
+    allowed = [p for p in inspect.signature(cls).parameters if p not in ("duration_s", "chunk_events", "closed_loop", owned_key)]
     for key in params:
         if key not in allowed:
             raise ConfigError(f"workload.{where}.{key}", f"unknown key; allowed: {', '.join(allowed)}")
