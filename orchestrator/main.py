@@ -43,6 +43,7 @@ def job_identity(cfg: DictConfig) -> tuple[str, str, dict]:
     names = {g: choices.get(g, "?") for g in ("host", "workload", "strategy", "cost", "noise")}
     names["host"] += _qualifier(hc.overrides.task, "host")
     names["workload"] += _qualifier(hc.overrides.task, "workload")
+    names["cost"] += _qualifier(hc.overrides.task, "cost")
     if hc.mode == RunMode.MULTIRUN:
         sweep = str(Path(hc.sweep.dir))
         experiment = "hvbench-" + "_".join(Path(hc.sweep.dir).parts[-2:])
@@ -63,8 +64,8 @@ def job_identity(cfg: DictConfig) -> tuple[str, str, dict]:
 
 
 def _qualifier(overrides, group: str) -> str:
-    """A preset with fields overridden is another host or workload: say which, as in
-    x16[isolcpus=9] or overcommit[lifecycle.zap_per_s=8]. A group an experiment appends
+    """A preset with fields overridden is another host, workload or cost model: say which, as
+    in x16[isolcpus=9] or overcommit[lifecycle.zap_per_s=8]. A group an experiment appends
     (+vm_shape=4x4, experiments/vm_shape/) qualifies the workload, whose fields it sets."""
     keys = [o.lstrip("~") for o in overrides]
     changed = [k.lstrip("+").removeprefix(f"{group}.") for k in keys if k.lstrip("+").startswith(f"{group}.")]

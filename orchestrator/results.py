@@ -53,7 +53,9 @@ class Experiment:
 EXPERIMENTS = (
     Experiment("vitaly_rt_ipis", ("host=x64,x384", "workload.duration_s=0.3")),
     Experiment("jeremi_nested_kata", ("strategy=upstream,active_roots,per_root_cpumask,hyperv_flush_hypercall", "workload.duration_s=0.3")),
-    Experiment("jeremi_closed_loop", ("strategy=upstream,hyperv_flush_hypercall", "workload.duration_s=0.4")),
+    Experiment(
+        "jeremi_closed_loop", ("strategy=upstream,hyperv_flush_hypercall", "cost.invept_global_us=32000", "workload.duration_s=0.4")
+    ),
     Experiment("sean_mask_memory", ("host=x64,x384", "workload.duration_s=0.25")),
     Experiment("safety_table", ("workload=overcommit", "workload.duration_s=0.5", "shrink_s=10")),
     Experiment("sensitivity_zap", ("workload.lifecycle.zap_per_s=0.5,32", "strategy=upstream,per_root_cpumask", "workload.duration_s=0.3")),
@@ -182,7 +184,7 @@ def write_document(out: Path, uri: str, checks: list, quick: bool, seconds: floa
     doc = Doc(out)
     doc.add(HEADER.format(mode="--quick (tiny sizes: the numbers are not the answers)" if quick else "full", seconds=seconds))
     vitaly(doc, runs["vitaly_rt_ipis"], quick)
-    jeremi(doc, runs["jeremi_nested_kata"], quick)
+    jeremi(doc, runs["jeremi_nested_kata"], runs["jeremi_closed_loop"], quick)
     closed_loop(doc, runs["jeremi_closed_loop"], quick)
     sean(doc, runs["sean_mask_memory"], quick)
     safety(doc, runs["safety_table"], runs["jeremi_nested_kata"], checks, quick)
@@ -271,7 +273,7 @@ def vitaly(doc: Doc, rows: list[dict], quick: bool) -> None:
         doc.add(f"B's flush IPIs per root allocation: {per_alloc} (Sean: 8191 IPIs per allocation on an 8192-CPU host).")
 
 
-def jeremi(doc: Doc, rows: list[dict], quick: bool) -> None:
+def jeremi(doc: Doc, rows: list[dict], closed: list[dict], quick: bool) -> None:
     doc.add("## Global INVEPTs on a nested Kata host (Jeremi, cover.1750432368.git.jpiotrowski@linux.microsoft.com)")
     cite(doc, "jeremi_nested_kata", quick)
     groups = by_strategy(rows)
@@ -304,67 +306,86 @@ def jeremi(doc: Doc, rows: list[dict], quick: bool) -> None:
         ax.legend(fontsize=7)
 
     doc.figure("jeremi_invept_global", draw, claim)
+    capped = [r for r in closed if r["strategy"] == "upstream" and r["params"]["workload.closed_loop"] == "True"]
+    cap = max(capped, key=lambda r: float(r["params"]["cost.invept_global_us"]), default=None)
+    nonzero = [LETTERS[s] for s, rs in groups.items() if rs[0]["invept_global_per_s"] > 0]
+    if a <= 2000:
+        doc.add(f"Ours ({a:.0f}/s) is at or below the report's ~2000/s on this run (its trace is shorter or lighter).")
+        return
     doc.add(
-        "The trace's rate under A depends on how often Kata vCPUs land on a new pCPU (`wake_affinity`"
-        " in conf/workload/nested_kata.yaml) and how many VMs boot per second; the report gives one"
-        " host's rate, not its scheduler's numbers, so a factor of ~2 either way is within what the"
-        " workload leaves open. What does not depend on the calibration is the ratio between strategies."
+        f"Ours ({a:.0f}/s) is above the report's ~2000/s because the open loop never slows down: A pays one"
+        " all-context INVEPT per vCPU load on a new pCPU (`KVM_REQ_TLB_FLUSH` -> `ept_sync_global()`), at"
+        " whatever rate the scheduler moves vCPUs, however long each call takes. On the real host the calls"
+        " took the CPUs (100 % busy), and that caps the rate"
+        + (
+            f": in the closed loop at {float(cap['params']['cost.invept_global_us']) / 1000:g} ms per call, A does"
+            f" {cap['invept_global_per_s']:.0f}/s (next section)."
+            if cap
+            else "."
+        )
+        + f" The ranking of the strategies does not depend on that: only {', '.join(nonzero)} do any."
     )
 
 
 def closed_loop(doc: Doc, rows: list[dict], quick: bool) -> None:
     doc.add("## Does A's cost snowball when it feeds back? (Jeremi: boot takes minutes with EPT=Y, ~20 s otherwise)")
     cite(doc, "jeremi_closed_loop", quick)
-    loops = {(r["strategy"], r["params"]["workload.closed_loop"] == "True"): r for r in rows}
-    strategies = [s for s in LETTERS if (s, True) in loops and (s, False) in loops]
-    lost = {s: 100 * loops[s, True]["closed_loop_delay_us"] / 1e6 / loops[s, True]["vcpu_seconds"] for s in strategies}
+    key = lambda r: (r["strategy"], float(r["params"]["cost.invept_global_us"]), r["params"]["workload.closed_loop"] == "True")
+    loops = {key(r): r for r in rows}
+    costs = sorted({c for _, c, _ in loops})
+    strategies = [s for s in LETTERS if any((s, c, True) in loops for c in costs)]
+    lost = lambda r: 100 * r["closed_loop_delay_us"] / 1e6 / r["vcpu_seconds"]
+    busy = lambda r: 100 * r["flush_overhead_us"] / 1e6 / r["sim_seconds"] / cpus(r)
     body = []
-    for s in strategies:
-        o, c = loops[s, False], loops[s, True]
-        body.append(
-            [
-                label(c),
-                verdict(c),
-                f"{o['invept_global_per_s']:.0f} -> {c['invept_global_per_s']:.0f}",
-                f"{c['events'] / o['events']:.3f}",
-                f"{lost[s]:.1f} %",
-                f"{c['closed_loop_extra_migrations']:.0f}",
-                f"{c['vm_boots']:.0f}",
-                f"{c['vm_boot_ms_mean']:.1f}",
-            ]
-        )
+    for c in costs:
+        for s in strategies:
+            o, k = loops.get((s, c, False)), loops.get((s, c, True))
+            if o is None or k is None:
+                continue
+            body.append(
+                [
+                    label(k),
+                    f"{c / 1000:g} ms",
+                    verdict(k),
+                    f"{o['invept_global_per_s']:.0f} -> {k['invept_global_per_s']:.0f}",
+                    f"{busy(o):.1f} -> {busy(k):.1f} %",
+                    f"{k['events'] / o['events']:.2f}",
+                    f"{lost(k):.1f} %",
+                    f"{k['closed_loop_extra_migrations']:.0f}",
+                    f"{k['vm_boots']:.0f}",
+                    f"{k['vm_boot_ms_mean']:.1f}",
+                ]
+            )
     doc.add(
-        "Open loop vs. closed loop on the same seed: INVEPT.global/s, the events the closed loop got done"
-        " in the same simulated time (relative to the open loop), the share of vCPU time lost to flush"
-        " work, the wake-ups the host's flush load moved, the boots completed and their mean length"
-        " (the open loop's boot is `lifecycle.boot_s`, 300 ms)."
+        "Open loop -> closed loop on the same seed, for each cost of one all-context INVEPT on Hyper-V"
+        " (the cost model's 2 ms guess, and 32 ms, the upper bound the report implies: ~2000/s kept 64"
+        " vCPUs at 100 %): INVEPT.global/s; the share of host CPU time in flush work (the report: 100 %);"
+        " the events the closed loop got done in the same simulated time, relative to the open loop; the"
+        " share of vCPU time lost to flush work; the wake-ups the host's flush load moved; the boots"
+        " completed and their mean length (the open loop's boot is `lifecycle.boot_s`, 300 ms)."
     )
-    doc.table(
-        [
-            "strategy",
-            "verdict",
-            "INVEPT global/s open -> closed",
-            "events closed/open",
-            "vCPU time lost",
-            "extra moves",
-            "boots",
-            "boot ms",
-        ],
-        body,
-    )
-    a = "upstream"
-    claim = (
-        f"in the closed loop A's vCPUs lose {lost.get(a, math.nan):.1f} % of their time to flush work and its INVEPT.global/s"
-        f" goes {loops[a, False]['invept_global_per_s']:.0f} -> {loops[a, True]['invept_global_per_s']:.0f};"
-        f" the others lose at most {max((v for s, v in lost.items() if s != a), default=math.nan):.1f} %"
-    )
+    head = ["strategy", "INVEPT.global cost", "verdict", "INVEPT global/s", "host in flush work", "events closed/open"]
+    doc.table([*head, "vCPU time lost", "extra moves", "boots", "boot ms"], body)
+    top = costs[-1]
+    a = loops.get(("upstream", top, True))
+    others = [lost(loops[s, top, True]) for s in strategies if s != "upstream" and (s, top, True) in loops]
+    if a is not None:
+        claim = (
+            f"at {top / 1000:g} ms per INVEPT.global, the closed loop leaves A {a['events'] / loops['upstream', top, False]['events']:.0%}"
+            f" of the open loop's work and {busy(a):.0f} % of the host in flush work; the others lose at most"
+            f" {max(others, default=math.nan):.1f} % of vCPU time"
+        )
 
-    def draw(ax) -> None:
-        ax.bar(range(len(strategies)), [lost[s] for s in strategies], color=[_color(loops[s, True]) for s in strategies])
-        ax.set_xticks(range(len(strategies)), [LETTERS[s] for s in strategies])
-        ax.set(xlabel="strategy", ylabel="vCPU time lost to flush work, %", title="closed loop, nested Kata host on Hyper-V")
+        def draw(ax) -> None:
+            width = 0.8 / len(costs)
+            for j, c in enumerate(costs):
+                ys = [lost(loops[s, c, True]) if (s, c, True) in loops else math.nan for s in strategies]
+                ax.bar([i + j * width for i in range(len(strategies))], ys, width, label=f"INVEPT.global {c / 1000:g} ms")
+            ax.set_xticks([i + width * (len(costs) - 1) / 2 for i in range(len(strategies))], [LETTERS[s] for s in strategies])
+            ax.set(xlabel="strategy", ylabel="vCPU time lost to flush work, %", title="closed loop, nested Kata host on Hyper-V")
+            ax.legend(fontsize=7)
 
-    doc.figure("jeremi_closed_loop", draw, claim)
+        doc.figure("jeremi_closed_loop", draw, claim)
     doc.add(
         "Why the model shows no minutes-long boots: its boot is vCPU 0 running the firmware on one pCPU"
         " without migrating, so A's migration flush barely reaches it; a real boot under load also"
