@@ -1,7 +1,8 @@
 """The cost model: microseconds charged to a pCPU for each flush-related operation.
 
-Open loop (DESIGN.md §3): costs are accounted, never fed back into the schedule. Defaults and
-their sources live in conf/cost/*.yaml; this class only names the knobs.
+Open loop (DESIGN.md §3) by default: costs are accounted, never fed back into the schedule; with
+workload.closed_loop=true they delay the vCPUs that pay them (hvmodel/closed_loop.py). Defaults
+and their sources live in conf/cost/*.yaml; this class only names the knobs.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 Binary form: one record per event (EVENT_DTYPE). Text form: JSON Lines, one event per line
 with named fields (docs/trace-format.md). Both load into the same `Trace`.
 
-The trace is open loop: it says which vCPU runs where and when, and what KVM is asked to do
-(zap, memslot delete, SMM, nested transitions); it never depends on the flush strategy, so
-every strategy replays exactly the same events.
+A generated trace is open loop: it says which vCPU runs where and when, and what KVM is asked
+to do (zap, memslot delete, SMM, nested transitions); it never depends on the flush strategy,
+so every strategy replays exactly the same events. A closed-loop trace (hvmodel/closed_loop.py)
+depends on the strategy and cost model that made it; its metadata says which.
 """
 
 from __future__ import annotations
