@@ -799,32 +799,14 @@ def compiled_chunks(streams: list[CompiledStream], duration_ns: int, chunk_event
 def merge_runs(left: np.ndarray, runs: list[np.ndarray]) -> np.ndarray:
     """`left` (events earlier than any in `runs`), then the time-sorted runs merged by
     (time_ns, run), each run keeping its own order; a new array. That is a stable sort by time of
-    the concatenation, done as an ordinary sort of (time, position) keys packed into one int64:
-    a stable argsort of records is several times slower."""
+    the concatenation: numpy's stable argsort of int64 is timsort, which finds the runs already
+    sorted and only merges them (on a contiguous copy of the times: 3x faster than sorting
+    packed (time, position) keys, and 6x faster than argsorting the records' strided field)."""
     # as bytes: numpy copies packed records one field at a time, 20 times slower than memcpy
     events = np.concatenate([r.view(np.uint8) for r in (left, *runs)]).view(EVENT_DTYPE)
     if sum(1 for r in runs if len(r)) < 2:
         return events
-    bits = (len(events) - 1).bit_length()
-    keys = _time_position_keys(events, bits)
-    if keys is None:  # a window too long to pack (hours of trace)
-        return events[np.argsort(events["time_ns"], kind="stable")]
-    keys.sort()
-    return _gather(events, keys & ((1 << bits) - 1))
-
-
-@numba.njit(**JIT)
-def _time_position_keys(events: np.ndarray, bits: int) -> np.ndarray | None:
-    """(time - earliest) << bits | position, or None if the times span too much for that."""
-    t0, t1 = events[0].time_ns, events[0].time_ns
-    for j in range(len(events)):
-        t0, t1 = min(t0, events[j].time_ns), max(t1, events[j].time_ns)
-    if (t1 - t0) >> (63 - bits):
-        return None
-    keys = np.empty(len(events), np.int64)
-    for j in range(len(events)):
-        keys[j] = ((events[j].time_ns - t0) << bits) | j
-    return keys
+    return _gather(events, np.argsort(np.ascontiguousarray(events["time_ns"]), kind="stable"))
 
 
 @numba.njit(**JIT)
