@@ -2,8 +2,8 @@
 docs/results.md (tables, and one PNG per claim under docs/results/) from the runs of each
 experiment's newest sweep. Every number in the document is read back from MLflow.
 
-    python -m orchestrator.results             # the full sizes (~15 min on 2 cores)
-    python -m orchestrator.results --quick     # tiny sizes, into results/quick/ (what CI checks)
+    python -m orchestrator.results             # the full sizes (~9 min on 2 cores)
+    python -m orchestrator.results --quick     # tiny sizes, into results/quick/ (~3.5 min; what CI checks)
     python -m orchestrator.results --no-run    # only rewrite the document from the store
 """
 
