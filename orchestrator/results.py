@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, into results/quick/ unless --out (CI)")
     p.add_argument("--no-run", action="store_true", help="do not run the sweeps: rewrite the document from the store")
     p.add_argument("--out", type=Path, default=None, help="the document (default: docs/results.md; --quick: results/quick/results.md)")
-    p.add_argument("--work", type=Path, default=None, help="the store and sweep outputs (default: results/, --quick: results/quick/)")
+    p.add_argument("--work", type=Path, default=None, help="the store and sweep outputs (default: results/full/, --quick: results/quick/)")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="Ray CPUs for the sweeps (default: all)")
     a = p.parse_args(argv)
     work = a.work or REPO / "results" / ("quick" if a.quick else "full")
