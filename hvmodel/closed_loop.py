@@ -31,7 +31,7 @@ import numpy as np
 
 from hvmodel.host import Topology
 from hvmodel.trace import EVENT_DTYPE, Ev, Trace
-from hvmodel.workloads.base import GENERATOR_VERSION, MS, HostCpus, VmFleet, Workload
+from hvmodel.workloads.base import MS, HostCpus, VmFleet, Workload
 
 TICK_NS = 4 * MS  # the window of load(): one scheduler tick at CONFIG_HZ=250 (a modelling choice)
 
@@ -201,5 +201,4 @@ def trace(workload: Workload, topo: Topology, seed: int, make_engine: Callable[[
 def trace_meta(workload: Workload, topo: Topology, seed: int, extra: dict | None) -> dict:
     """Workload.trace's metadata, marked closed-loop, with `extra` (what else the trace depends
     on: the strategy and the cost model)."""
-    meta = {"workload": workload.name, "seed": seed, "host": topo.name, "generator_version": GENERATOR_VERSION}
-    return {**meta, "closed_loop": True, **(extra or {})}
+    return {**workload.trace_meta(topo, seed), "closed_loop": True, **(extra or {})}

@@ -24,7 +24,7 @@ import yaml
 
 from hvmodel.host import Topology
 from hvmodel.metrics import HAZARDS
-from hvmodel.strategies.base import cpumask_bytes, kmalloc_size, mask_cpus
+from hvmodel.strategies.base import strategy_memory
 from orchestrator.report import format_table, write_atomic
 from orchestrator.scenario import REPO
 from orchestrator.tracking import latest_sweep, load_runs
@@ -400,8 +400,8 @@ def _color(r: dict) -> str:
 
 def mask_unit(r: dict) -> int:
     """Bytes of one of the strategy's masks (C, E, E') or generation tables (F), as allocated."""
-    n, sizing = cpus(r), r["params"].get("strategy.mask_sizing", "nr_cpu_ids")
-    return kmalloc_size(4 * mask_cpus(n, sizing)) if r["strategy"] == "root_generation" else cpumask_bytes(n, sizing)
+    mask, table = strategy_memory(cpus(r), r["params"].get("strategy.mask_sizing", "nr_cpu_ids"))
+    return table if r["strategy"] == "root_generation" else mask
 
 
 def sean(doc: Doc, rows: list[dict], quick: bool) -> None:

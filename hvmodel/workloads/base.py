@@ -849,6 +849,10 @@ class Workload:
         Here: trivially on a one-node host; workloads that can do better say so."""
         return topo.numa_nodes == 1
 
+    def trace_meta(self, topo: Topology, seed: int) -> dict:
+        """What a generated trace depends on (Trace.meta; a closed-loop trace adds its own)."""
+        return {"workload": self.name, "seed": seed, "host": topo.name, "generator_version": GENERATOR_VERSION}
+
     def trace(self, topo: Topology, seed: int, nodes: Sequence[int] | None = None, reference: bool = False) -> Trace:
         """The trace on `topo` for `seed`. `nodes`: generate only the VMs of these NUMA nodes (a
         node-local workload only): the full trace filtered to them, in the same order.
@@ -857,7 +861,7 @@ class Workload:
         (hvmodel.closed_loop.trace)."""
         if self.closed_loop:
             raise ValueError(f"workload {self.name} has closed_loop=true: its trace comes from hvmodel.closed_loop.trace(..., engine)")
-        meta = {"workload": self.name, "seed": seed, "host": topo.name, "generator_version": GENERATOR_VERSION}
+        meta = self.trace_meta(topo, seed)
         if nodes is None:
             nodes = range(topo.numa_nodes)
         else:
