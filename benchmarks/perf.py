@@ -8,7 +8,7 @@
    generator on its first simulated second.
 3. Shards: the same job on Ray with 1 and with 2 shards (split by node), wall time.
 4. Sweeps: `hvbench -m` over the 7 bare-metal strategies, sequential (Hydra's basic launcher)
-   and concurrent (hvbench's), wall time of the whole command.
+   and concurrent (hvbench's), wall time of the whole command; alternated, best of two.
 5. Start-up: importing the compiled engine and generators (warm), compiling the generators with
    an empty numba cache (cold, once per machine), building the C++ engine (pip, once per install).
 
@@ -17,7 +17,7 @@ as the per-core rate. Targets (issue "Speed"): fast engine >= 10 M events/s per 
 reference, within 5x of the floor; generator >= 5 M events/s per core; 2 shards >= 1.7x 1 shard;
 the concurrent sweep >= 1.7x the sequential one.
 
-    .venv/bin/python -m benchmarks.perf          # the 60 s window of the targets: about 7 minutes
+    .venv/bin/python -m benchmarks.perf          # the 60 s window of the targets: about 11 minutes
     .venv/bin/python -m benchmarks.perf --duration 10 --sweep-duration 5 --skip-startup   # 2 minutes
 
 At 5-10 simulated seconds a job is a couple of seconds of work beside about one second of fixed
@@ -195,11 +195,15 @@ def sweep_speedup(duration: float, tmp: Path) -> list[tuple[str, str, str]]:
     args = ["-m", "strategy=glob(*,exclude=[hyperv_flush_hypercall,*_elide])", "host=x8192", "workload=partitioned_pinned_light",
             f"workload.duration_s={duration}",
             "cluster.num_cpus=2"]  # fmt: skip
-    walls = []
-    for launcher in ("basic", "hvbench"):
+    best = {}
+    # alternated, the best of each (as for the shards): the machine is shared. Each launcher
+    # keeps its directory, so each makes its MLflow store once, in its first sweep.
+    for k, launcher in enumerate(("basic", "hvbench", "basic", "hvbench")):
         cwd = tmp / launcher
-        cwd.mkdir()
-        walls.append(hvbench([*args, f"hydra/launcher={launcher}", "hydra.sweep.dir=sweep"], cwd).wall)
+        cwd.mkdir(exist_ok=True)
+        wall = hvbench([*args, f"hydra/launcher={launcher}", f"hydra.sweep.dir=sweep{k}"], cwd).wall
+        best[launcher] = min(wall, best.get(launcher, wall))
+    walls = [best["basic"], best["hvbench"]]
     return [
         (f"sweep of 7 strategies, x8192 {duration:g} s, one after another (hydra/launcher=basic)", f"{walls[0]:.1f}", "1x"),
         ("the same sweep, concurrent (hvbench's launcher, 2 CPUs)", f"{walls[1]:.1f}", f"{walls[0] / walls[1]:.2f}x"),
